@@ -1,0 +1,51 @@
+"""Request dependencies: the per-process resources made in the lifespan, and the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.auth import KeyCache
+from api.resources import Resources
+from core import errors
+from core.settings import Settings
+
+
+def get_resources(request: Request) -> Resources:
+    """The resources the lifespan built for this process."""
+    return request.app.state.resources  # type: ignore[no-any-return]
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+
+def get_settings(res: ResourcesDep) -> Settings:
+    """The process settings."""
+    return res.settings
+
+
+def get_db(res: ResourcesDep) -> AsyncEngine:
+    """The async database engine."""
+    return res.db
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DbDep = Annotated[AsyncEngine, Depends(get_db)]
+
+
+async def get_tenant(request: Request, res: ResourcesDep) -> str:
+    """The tenant id of the caller's API key; 401 when the key is missing, unknown or revoked."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise errors.Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    cache: KeyCache = res.keys
+    tenant = await cache.tenant_for(key.strip())
+    if tenant is None:
+        raise errors.Unauthorized("unknown or revoked API key")
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,110 @@
+"""The mapping from errors to HTTP answers, in one place. Every error body is ``{"error": {...}}``."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core import errors
+from core.schemas import error_details
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.ServiceError], int] = {
+    errors.BadRequest: 400,
+    errors.Unauthorized: 401,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.PayloadTooLarge: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.ValidationFailed: 422,
+    errors.RateLimited: 429,
+    errors.Unavailable: 503,
+}
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
+               429: "rate_limited", 503: "unavailable"}
+
+
+def error_response(status: int, code: str, message: str, details: list | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error answer with the body API.md fixes."""
+    body = {"error": {"code": code, "message": message, "details": details or []}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _service_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ServiceError)
+    status = STATUS.get(type(exc), 500)
+    headers = {}
+    if isinstance(exc, errors.RateLimited | errors.Unavailable):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, errors.Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(status, exc.code, exc.message, exc.details, headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        return error_response(400, "bad_request", "the body is not valid JSON")
+    if any(e.get("loc") == ("body",) and e.get("type") == "missing" for e in errs):
+        return error_response(400, "bad_request", "a JSON body is required")
+    details = []
+    for e in errs:
+        loc = [str(p) for p in e["loc"] if p not in ("body", "query", "header", "path")]
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        details.append({"field": ".".join(loc) or "body", "message": msg})
+    fields = ", ".join(d["field"] for d in details)
+    return error_response(422, "validation_error", f"invalid request: {fields}", details)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code
+    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable: %s", exc)
+    return error_response(503, "unavailable", "the database is unavailable; nothing was written",
+                          headers={"Retry-After": "2"})
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error")
+
+
+def install(app: FastAPI) -> None:
+    """Register every error handler on ``app``."""
+    app.add_exception_handler(errors.ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(InterfaceError, _database_down)
+    app.add_exception_handler(DBAPIError, _database_down_or_bug)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+async def _database_down_or_bug(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DBAPIError)
+    if exc.connection_invalidated:
+        return await _database_down(request, exc)
+    return await _unexpected(request, exc)
+
+
+def validation_failed(exc) -> errors.ValidationFailed:  # type: ignore[no-untyped-def]
+    """A pydantic ValidationError as the service's 422."""
+    details = error_details(exc)
+    return errors.ValidationFailed("invalid request: " + ", ".join(d["field"] for d in details), details)

@@ -1,0 +1,126 @@
+"""Reading and canceling jobs for a tenant: get, list with a cursor, queue position, cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from api.resources import Resources
+from core import errors
+from core.job_object import job_object
+from core.models import jobs
+from core.status import JobStatus, is_terminal, sources_of
+
+MAX_PAGE = 100
+
+
+async def _queue_position(conn: AsyncConnection, row: Any) -> int:
+    """How many queued jobs of the same queue run before this one (0: it is next)."""
+    ahead = select(func.count()).select_from(jobs).where(
+        jobs.c.status == JobStatus.QUEUED.value,
+        jobs.c.queue == row["queue"],
+        or_(
+            jobs.c.priority > row["priority"],
+            and_(jobs.c.priority == row["priority"], jobs.c.created_at < row["created_at"]),
+        ),
+    )
+    return int(await conn.scalar(ahead) or 0)
+
+
+async def render(conn: AsyncConnection, res: Resources, row: Any) -> dict[str, Any]:
+    """The job object of a row, with its queue position when queued."""
+    position = await _queue_position(conn, row) if row["status"] == JobStatus.QUEUED else None
+    return job_object(row, presign=res.presign, queue_position=position)
+
+
+async def get_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str, Any]:
+    """One job of the tenant; NotFound for an unknown id or another tenant's."""
+    async with res.db.connect() as conn:
+        row = (
+            await conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
+        ).mappings().first()
+        if row is None:
+            raise errors.NotFound(f"no job {job_id!r}")
+        return await render(conn, res, row)
+
+
+def encode_cursor(job_id: str) -> str:
+    """An opaque cursor pointing after ``job_id``."""
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The job id a cursor points after; ValidationFailed for a cursor this API did not make."""
+    try:
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        value = ""
+    if not value.startswith("job_"):
+        raise errors.ValidationFailed("invalid cursor", [{"field": "cursor", "message": "invalid cursor"}])
+    return value
+
+
+async def list_jobs(
+    res: Resources,
+    *,
+    tenant_id: str,
+    status: str | None = None,
+    batch_id: str | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """A page of the tenant's jobs, newest first (ids sort by creation time)."""
+    query = select(jobs).where(jobs.c.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(jobs.c.status == status)
+    if batch_id is not None:
+        query = query.where(jobs.c.batch_id == batch_id)
+    if cursor is not None:
+        query = query.where(jobs.c.id < decode_cursor(cursor))
+    query = query.order_by(jobs.c.id.desc()).limit(limit + 1)
+    async with res.db.connect() as conn:
+        rows = (await conn.execute(query)).mappings().all()
+        page = rows[:limit]
+        data = [await render(conn, res, r) for r in page]
+    next_cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
+    return {"data": data, "next_cursor": next_cursor}
+
+
+async def cancel_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str, Any]:
+    """Cancel a queued or running job (a running one stops at its next denoising step); 409 when terminal."""
+    async with res.db.connect() as conn:
+        row = (
+            await conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.tenant_id == tenant_id,
+                    jobs.c.status.in_(sources_of(JobStatus.CANCELED)),
+                )
+                .values(
+                    status=JobStatus.CANCELED.value,
+                    finished_at=func.clock_timestamp(),
+                    lease_expires_at=None,
+                    progress_step=None,
+                    progress_total=None,
+                    updated_at=func.clock_timestamp(),
+                )
+                .returning(jobs)
+            )
+        ).mappings().first()
+        await conn.commit()
+        if row is not None:
+            return await render(conn, res, row)
+        current = (
+            await conn.execute(
+                select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id)
+            )
+        ).scalar()
+    if current is None:
+        raise errors.NotFound(f"no job {job_id!r}")
+    assert is_terminal(current)
+    raise errors.Conflict(f"job {job_id} is already {current}")

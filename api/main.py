@@ -1,0 +1,91 @@
+"""The FastAPI application: ``create_app()`` builds it; its lifespan opens and closes every connection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+from redis import asyncio as aioredis
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api import errors
+from api.auth import KeyCache
+from api.resources import Resources
+from api.routes import health, jobs
+from core import storage
+from core.db import make_async_engine, make_engine
+from core.settings import Settings, get_settings
+from core.sweeper import SweeperThread
+
+log = logging.getLogger(__name__)
+
+# A Redis that does not answer must not hold a submit for long: the outbox covers the outage.
+_REDIS_TIMEOUTS = {"socket_connect_timeout": 1.0, "socket_timeout": 2.0}
+
+
+class BodyLimit:
+    """Refuses a body whose declared length is over the limit (413) before reading it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                    response = errors.error_response(
+                        413, "payload_too_large", f"the body is over {self.max_bytes} bytes"
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> FastAPI:
+    """The API application for ``settings`` (default: from the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = make_async_engine(settings)
+        res = Resources(
+            settings=settings,
+            db=db,
+            redis=aioredis.Redis.from_url(settings.redis_url, **_REDIS_TIMEOUTS),
+            s3=storage.make_s3_client(settings),
+            s3_presign=storage.make_s3_client(settings, public=True),
+            keys=KeyCache(db),
+        )
+        if run_sweeper:
+            res.sync_db = make_engine(settings, pool_size=1)
+            res.sweeper = SweeperThread(
+                res.sync_db, redis.Redis.from_url(settings.redis_url, **_REDIS_TIMEOUTS), settings
+            )
+            res.sweeper.start()
+        app.state.resources = res
+        try:
+            yield
+        finally:
+            if res.sweeper is not None:
+                res.sweeper.stop()
+            if res.sync_db is not None:
+                res.sync_db.dispose()
+            await res.redis.aclose()
+            await db.dispose()
+
+    app = FastAPI(
+        title="Z-Image job service",
+        version="1",
+        summary="Asynchronous text-to-image and edit jobs on Z-Image, with results in S3.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    return app

@@ -1,0 +1,36 @@
+"""Per-process resources of the API, built in the lifespan and closed at shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from redis import asyncio as aioredis
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.auth import KeyCache
+from core import storage
+from core.settings import Settings
+from core.sweeper import SweeperThread
+
+
+@dataclass
+class Resources:
+    """What every request may use: settings, the database, Redis, a presigning S3 client, the key cache."""
+
+    settings: Settings
+    db: AsyncEngine
+    redis: aioredis.Redis
+    s3: Any
+    s3_presign: Any
+    keys: KeyCache
+    sync_db: Engine | None = None
+    sweeper: SweeperThread | None = None
+    # monotonic time before which publishing is skipped (Redis just failed); the sweeper catches up.
+    redis_down_until: float = 0.0
+
+    def presign(self, key: str) -> tuple[str, datetime]:
+        """A presigned GET URL for a result key and when it expires (a local computation, no I/O)."""
+        return storage.presign_get(self.s3_presign, self.settings.s3_bucket, key, self.settings.presign_ttl_s)

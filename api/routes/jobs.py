@@ -1,0 +1,77 @@
+"""``/v1/jobs``: submit, read, list and cancel jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+
+from api import jobs as job_ops
+from api.deps import ResourcesDep, TenantDep
+from api.submit import submit_job
+from core import errors
+from core.schemas import ErrorBody, JobObject, JobPage, JobRequest
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429, 503)
+}
+StatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+@router.post("", status_code=202, response_model=JobObject, responses=_ERRORS)
+async def create_job(
+    req: JobRequest,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> dict[str, Any]:
+    """Submit a job; answers 202 at once with the queued job (200 with the original for a repeated key)."""
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise errors.ValidationFailed(
+            "Idempotency-Key must be 1 to 255 characters",
+            [{"field": "Idempotency-Key", "message": "must be 1 to 255 characters"}],
+        )
+    if req.kind == "edit":
+        raise errors.ValidationFailed(
+            "edit jobs are not enabled on this service yet",
+            [{"field": "kind", "message": "edit jobs are not enabled on this service yet"}],
+        )
+    if req.loras:
+        raise errors.ValidationFailed(
+            "unknown adapter", [{"field": "loras.0.adapter_id", "message": "no such adapter for this tenant"}]
+        )
+    row, created = await submit_job(res, tenant_id=tenant, req=req, idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{row['id']}"
+    if not created:
+        response.status_code = 200
+    return await job_ops.get_job(res, tenant_id=tenant, job_id=row["id"])
+
+
+@router.get("", response_model=JobPage, responses=_ERRORS)
+async def list_jobs(
+    res: ResourcesDep,
+    tenant: TenantDep,
+    status: StatusFilter | None = None,
+    batch_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=job_ops.MAX_PAGE)] = 20,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """The tenant's jobs, newest first, a page at a time."""
+    return await job_ops.list_jobs(
+        res, tenant_id=tenant, status=status, batch_id=batch_id, limit=limit, cursor=cursor
+    )
+
+
+@router.get("/{job_id}", response_model=JobObject, responses=_ERRORS)
+async def get_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> dict[str, Any]:
+    """One job."""
+    return await job_ops.get_job(res, tenant_id=tenant, job_id=job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject, responses=_ERRORS)
+async def cancel_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> dict[str, Any]:
+    """Cancel a job that is not yet terminal."""
+    return await job_ops.cancel_job(res, tenant_id=tenant, job_id=job_id)

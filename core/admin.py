@@ -1,0 +1,94 @@
+"""``zimage-admin``: operator commands (migrate the database, create and revoke API keys)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.sql import func
+
+from core import apikeys, ids
+from core.db import create_database_if_missing, make_engine
+from core.models import api_keys, tenants
+from core.settings import Settings
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def migrate(settings: Settings) -> None:
+    """Create the database if it is missing and apply every Alembic migration."""
+    from alembic import command
+    from alembic.config import Config
+
+    create_database_if_missing(settings.database_url)
+    cfg = Config(str(_ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(_ROOT / "migrations"))
+    cfg.attributes["database_url"] = settings.database_url
+    command.upgrade(cfg, "head")
+
+
+def create_key(settings: Settings, tenant_name: str) -> str:
+    """Create a key for ``tenant_name`` (creating the tenant if needed) and return the key itself."""
+    engine = make_engine(settings, pool_size=1)
+    key = apikeys.new_key()
+    try:
+        with engine.begin() as conn:
+            tenant_id = conn.execute(select(tenants.c.id).where(tenants.c.name == tenant_name)).scalar()
+            if tenant_id is None:
+                tenant_id = ids.tenant_id()
+                conn.execute(insert(tenants).values(id=tenant_id, name=tenant_name))
+            conn.execute(
+                insert(api_keys).values(
+                    id=ids.key_id(),
+                    tenant_id=tenant_id,
+                    prefix=apikeys.display_prefix(key),
+                    key_hash=apikeys.hash_key(key),
+                )
+            )
+    finally:
+        engine.dispose()
+    return key
+
+
+def revoke_key(settings: Settings, key: str) -> bool:
+    """Revoke a key; True when one was revoked."""
+    engine = make_engine(settings, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(
+                update(api_keys)
+                .where(api_keys.c.key_hash == apikeys.hash_key(key), api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=func.now())
+            )
+            return result.rowcount > 0
+    finally:
+        engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``zimage-admin`` console script."""
+    parser = argparse.ArgumentParser(prog="zimage-admin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="create the database if needed and apply migrations")
+    ck = sub.add_parser("create-key", help="create an API key (and its tenant); prints only the key")
+    ck.add_argument("--tenant", required=True)
+    rk = sub.add_parser("revoke-key", help="revoke an API key")
+    rk.add_argument("key")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if args.command == "migrate":
+        migrate(settings)
+        print("database is at the latest migration", file=sys.stderr)
+    elif args.command == "create-key":
+        print(create_key(settings, args.tenant))
+    elif args.command == "revoke-key":
+        if not revoke_key(settings, args.key):
+            print("no such active key", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

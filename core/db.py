@@ -1,0 +1,60 @@
+"""Database engines (sync for the worker and tools, async for the API) and database creation."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from core.settings import Settings
+
+# A statement that hangs (a lock, a dead server) must not hang a request or a worker forever.
+_CONNECT_ARGS = {"connect_timeout": 5, "options": "-c statement_timeout=30000"}
+
+
+def make_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
+    """A synchronous engine (worker, sweeper, admin tools)."""
+    return create_engine(
+        settings.database_url,
+        pool_size=pool_size or settings.db_pool_size,
+        pool_pre_ping=True,
+        connect_args=_CONNECT_ARGS,
+    )
+
+
+def make_async_engine(settings: Settings) -> AsyncEngine:
+    """An asyncio engine (the API)."""
+    return create_async_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        pool_pre_ping=True,
+        connect_args=_CONNECT_ARGS,
+    )
+
+
+def create_database_if_missing(database_url: str) -> bool:
+    """Create the database named in ``database_url`` when it does not exist; True when it was created."""
+    url = make_url(database_url)
+    name = url.database
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT", connect_args=_CONNECT_ARGS)
+    try:
+        with admin.connect() as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar()
+            if exists:
+                return False
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            return True
+    finally:
+        admin.dispose()
+
+
+def drop_database(database_url: str) -> None:
+    """Drop the database named in ``database_url`` (tests), closing its other connections first."""
+    url = make_url(database_url)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT", connect_args=_CONNECT_ARGS)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

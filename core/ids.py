@@ -1,0 +1,58 @@
+"""Opaque, unguessable, time-ordered identifiers (UUIDv7 in Crockford base32, prefixed by type)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case: sorts like the number
+
+
+def uuid7_int() -> int:
+    """A UUIDv7 as an integer: 48-bit unix milliseconds, version and variant bits, 74 random bits."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits, 74 used
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version 7
+    value |= ((rand >> 68) & 0xFFF) << 64  # rand_a, 12 bits
+    value |= 0b10 << 62  # RFC 4122 variant
+    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
+    return value
+
+
+def _base32(value: int) -> str:
+    chars = []
+    for _ in range(26):  # 26 * 5 = 130 bits >= 128
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_id(prefix: str) -> str:
+    """A new id such as ``job_01jd…``; ids made later sort after ids made earlier (millisecond order)."""
+    return f"{prefix}_{_base32(uuid7_int())}"
+
+
+def job_id() -> str:
+    """A new job id."""
+    return new_id("job")
+
+
+def batch_id() -> str:
+    """A new batch id."""
+    return new_id("bat")
+
+
+def upload_id() -> str:
+    """A new upload id."""
+    return new_id("upl")
+
+
+def tenant_id() -> str:
+    """A new tenant id."""
+    return new_id("ten")
+
+
+def key_id() -> str:
+    """A new API key id."""
+    return new_id("key")

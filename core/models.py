@@ -1,0 +1,202 @@
+"""Postgres tables: tenants, API keys, batches, uploads, jobs and workers (SQLAlchemy 2 declarative)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from core.status import JobStatus
+
+_JOB_STATUSES = ", ".join(f"'{s.value}'" for s in JobStatus)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class Tenant(Base):
+    """A customer; owns API keys, jobs, batches and uploads."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now()
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 hash and a short prefix (for people to recognise it) are stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    created_at: Mapped[datetime] = _now()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Batch(Base):
+    """A bulk submission of many jobs that share defaults."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="running")
+    total: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_batches_tenant_id", "tenant_id", "id"),)
+
+
+class Upload(Base):
+    """An input image a tenant uploaded for edit jobs; the original lives in S3."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
+    key: Mapped[str] = mapped_column(Text, nullable=False)
+    width: Mapped[int] = mapped_column(Integer, nullable=False)
+    height: Mapped[int] = mapped_column(Integer, nullable=False)
+    format: Mapped[str] = mapped_column(String(8), nullable=False)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("ix_uploads_tenant_id", "tenant_id", "id"),)
+
+
+class Job(Base):
+    """One generate or edit request: its normalized request, where it is in its life, and its results."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    batch_index: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    # The Celery queue (model family) that serves this job.
+    queue: Mapped[str] = mapped_column(String(32), nullable=False)
+    # Jobs with equal group keys can share one pipeline call (same model, mode, size, steps, guidance).
+    group_key: Mapped[str] = mapped_column(Text, nullable=False)
+    # Image tokens this job adds to a batch: (width/16) * (height/16) * num_images.
+    cost_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default=JobStatus.QUEUED.value)
+    priority: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="5")
+    request: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    # Attempt number of the current (or last) claim: the fencing token of every worker write.
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="3")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    progress_step: Mapped[int | None] = mapped_column(Integer)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    outputs: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'[]'::jsonb")
+    )
+    timings: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Set once the job id is known to be in Redis; NULL rows are re-published by the sweeper (outbox).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_JOB_STATUSES})", name="ck_jobs_status"),
+        CheckConstraint("priority BETWEEN 0 AND 9", name="ck_jobs_priority"),
+        # The claim query: queued jobs of one queue, highest priority first, then oldest.
+        Index(
+            "ix_jobs_claim",
+            "queue",
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("status = 'queued'"),
+        ),
+        # The sweeper: expired leases, and committed rows never published.
+        Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        Index(
+            "ix_jobs_undispatched",
+            "created_at",
+            postgresql_where=text("dispatched_at IS NULL AND status = 'queued'"),
+        ),
+        # Per-tenant listing, newest first (ids sort by creation time).
+        Index("ix_jobs_tenant_id", "tenant_id", text("id DESC")),
+        Index("ix_jobs_tenant_status", "tenant_id", "status", text("id DESC")),
+        Index("ix_jobs_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),
+        Index(
+            "uq_jobs_idempotency",
+            "tenant_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+
+class Worker(Base):
+    """A worker process: when it loaded its pipelines, how many times, and when it was last seen."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    queues: Mapped[str] = mapped_column(Text, nullable=False)
+    pipeline_loads: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    batches_run: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    jobs_run: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    ready: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    started_at: Mapped[datetime] = _now()
+    last_seen_at: Mapped[datetime] = _now()
+
+
+jobs = Job.__table__
+tenants = Tenant.__table__
+api_keys = ApiKey.__table__
+batches = Batch.__table__
+uploads = Upload.__table__
+workers = Worker.__table__

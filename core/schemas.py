@@ -1,0 +1,262 @@
+"""API.md as pydantic models: the job request with every field rule, and the objects the API returns."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+MAX_SEED = 2**63 - 1
+MAX_METADATA_BYTES = 4096
+MAX_SIDE = 2048
+
+# Per (kind, mode): what "model default" means for steps and guidance (Turbo: 8 steps, no CFG).
+MODEL_DEFAULTS: dict[tuple[str, str | None], dict[str, float | int]] = {
+    ("generate", None): {"steps": 8, "guidance_scale": 0.0},
+    ("edit", "instruct"): {"steps": 8, "guidance_scale": 0.0},
+    ("edit", "img2img"): {"steps": 8, "guidance_scale": 0.0},
+    ("edit", "inpaint"): {"steps": 8, "guidance_scale": 0.0},
+}
+
+
+class _Strict(BaseModel):
+    # strict: "1024" is not a width and true is not a seed; unknown fields are typos, not silently dropped.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ImageRef(_Strict):
+    """An input image: an upload of this tenant, or an https URL the service fetches."""
+
+    upload_id: Annotated[str, StringConstraints(pattern=r"^upl_[0-9a-z]{10,64}$")] | None = None
+    url: HttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageRef:
+        if (self.upload_id is None) == (self.url is None):
+            raise ValueError("give exactly one of upload_id or url")
+        if self.url is not None and self.url.scheme != "https":
+            raise ValueError("url must be https")
+        return self
+
+
+class LoraRef(_Strict):
+    """A LoRA adapter applied to a job, with its scale."""
+
+    adapter_id: Annotated[str, StringConstraints(pattern=r"^lora_[0-9a-z]{10,64}$")]
+    scale: float = Field(1.0, ge=0, le=2)
+
+
+class JobRequest(_Strict):
+    """A job request (POST /v1/jobs, and each line of a batch), exactly as API.md specifies it."""
+
+    kind: Literal["generate", "edit"] = "generate"
+    mode: Literal["instruct", "img2img", "inpaint"] | None = Field(None, validate_default=True)
+    prompt: str
+    negative_prompt: str | None = Field(None, max_length=4000)
+    width: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=16)
+    height: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=16)
+    steps: int | None = Field(None, ge=1, le=100)
+    guidance_scale: float | None = Field(None, ge=0, le=20)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_images: int = Field(1, ge=1, le=8)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_quality: int = Field(90, ge=1, le=100)
+    input_images: list[ImageRef] = Field(default_factory=list, max_length=3, validate_default=True)
+    mask: ImageRef | None = Field(None, validate_default=True)
+    strength: float = Field(0.6, ge=0, le=1)
+    priority: int = Field(5, ge=0, le=9)
+    webhook_url: HttpUrl | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    loras: list[LoraRef] = Field(default_factory=list, max_length=3)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_length(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("prompt must not be empty")
+        if len(v) > 4000:
+            raise ValueError("prompt must be at most 4000 characters")
+        return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _https_only(cls, v: HttpUrl | None) -> HttpUrl | None:
+        if v is not None and v.scheme != "https":
+            raise ValueError("webhook_url must be an https URL")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, v: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+        return v
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_for_kind(cls, v: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if kind == "generate" and v is not None:
+            raise ValueError("mode applies to edit jobs only")
+        if kind == "edit" and v is None:
+            return "instruct"
+        return v
+
+    @field_validator("input_images")
+    @classmethod
+    def _images_for_kind(cls, v: list[ImageRef], info: ValidationInfo) -> list[ImageRef]:
+        kind, mode = info.data.get("kind"), info.data.get("mode")
+        if kind == "generate" and v:
+            raise ValueError("generate jobs take no input images")
+        if kind == "edit":
+            if not v:
+                raise ValueError("edit jobs need 1 to 3 input images")
+            if mode in ("img2img", "inpaint") and len(v) != 1:
+                raise ValueError(f"{mode} takes exactly one input image")
+        return v
+
+    @field_validator("mask")
+    @classmethod
+    def _mask_for_mode(cls, v: ImageRef | None, info: ValidationInfo) -> ImageRef | None:
+        kind, mode = info.data.get("kind"), info.data.get("mode")
+        if v is None and kind == "edit" and mode == "inpaint":
+            raise ValueError("inpaint needs a mask")
+        if v is not None and not (kind == "edit" and mode == "inpaint"):
+            raise ValueError("mask applies to edit jobs in inpaint mode only")
+        return v
+
+    @model_validator(mode="after")
+    def _model_defaults(self) -> JobRequest:
+        defaults = MODEL_DEFAULTS[(self.kind, self.mode)]
+        if self.steps is None:
+            self.steps = int(defaults["steps"])
+        if self.guidance_scale is None:
+            self.guidance_scale = float(defaults["guidance_scale"])
+        return self
+
+    def normalized(self) -> dict[str, Any]:
+        """The request with defaults filled in, as stored and echoed back (the seed as given)."""
+        data = self.model_dump(mode="json")
+        if self.kind == "generate":
+            for name in ("mode", "strength", "mask"):
+                data.pop(name, None)
+        elif self.mode == "instruct":
+            data.pop("strength", None)
+        return data
+
+
+class Progress(BaseModel):
+    """Denoising progress of a running job."""
+
+    step: int
+    total: int
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+
+
+class Output(BaseModel):
+    """One result image in S3."""
+
+    index: int
+    url: str
+    url_expires_at: str
+    key: str
+    width: int
+    height: int
+    seed: int
+    format: str
+    bytes: int
+    sha256: str
+
+
+class Timings(BaseModel):
+    """Where a job's time went, in milliseconds."""
+
+    queued_ms: int | None = None
+    inference_ms: int | None = None
+    upload_ms: int | None = None
+    total_ms: int | None = None
+
+
+class JobObject(BaseModel):
+    """The job object of API.md."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    kind: str
+    request: dict[str, Any]
+    batch_id: str | None
+    priority: int
+    attempts: int
+    progress: Progress | None
+    queue_position: int | None
+    error: JobError | None
+    outputs: list[Output]
+    timings: Timings
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    metadata: dict[str, Any]
+
+
+class JobPage(BaseModel):
+    """A page of jobs, newest first."""
+
+    data: list[JobObject]
+    next_cursor: str | None
+
+
+class ErrorDetail(BaseModel):
+    """One problem in a request: the field path and what is wrong with it."""
+
+    field: str
+    message: str
+    index: int | None = None
+
+
+class ErrorInfo(BaseModel):
+    """The error of an error body."""
+
+    code: str
+    message: str
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ErrorBody(BaseModel):
+    """Every error answer has this body."""
+
+    error: ErrorInfo
+
+
+def error_details(exc: ValidationError, *, index: int | None = None) -> list[dict[str, Any]]:
+    """Each problem of a pydantic error as ``{"field", "message"[, "index"]}``, with the field's dotted path."""
+    details = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"] if p != "body"]
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        item: dict[str, Any] = {"field": ".".join(loc) or "body", "message": message}
+        if index is not None:
+            item["index"] = index
+        details.append(item)
+    return details

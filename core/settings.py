@@ -1,0 +1,96 @@
+"""The one configuration class of the service: every setting, read from ``ZIMAGE_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PLACEHOLDER_SECRETS = {"", "changeme", "zimage-dev-secret"}
+
+
+class Settings(BaseSettings):
+    """Service configuration. Defaults run on a dev machine with local Postgres, Redis and SeaweedFS."""
+
+    model_config = SettingsConfigDict(env_prefix="ZIMAGE_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+
+    # --- Postgres (source of truth) ---
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/zimage"
+    db_pool_size: int = Field(10, ge=1, le=200)
+
+    # --- Redis (Celery broker; delivery only) ---
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis key the service touches starts with this, so runs sharing a Redis never collide.
+    redis_prefix: str = "zimage:"
+
+    # --- S3-compatible storage ---
+    s3_endpoint_url: str | None = "http://127.0.0.1:8333"
+    # Endpoint written into presigned URLs (what clients can reach); defaults to s3_endpoint_url.
+    s3_public_endpoint_url: str | None = None
+    s3_bucket: str = "zimage-results"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = "zimage"
+    s3_secret_access_key: str = "zimage-dev-secret"
+    presign_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    upload_threads: int = Field(4, ge=1, le=64)
+
+    # --- models ---
+    # A hub id or a local path; the default is the tiny random-weight checkpoint that `make demo` builds.
+    turbo_model: str = "checkpoints/tiny/turbo"
+    edit_model: str | None = None
+    device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    warmup: bool = True
+
+    # --- batching ---
+    max_batch_images: int = Field(4, ge=1, le=64)
+    # Image tokens (latent patches: (w/16)*(h/16)) one batch may hold; 1024x1024 is 4096 tokens.
+    batch_token_budget: int = Field(8192, ge=256)
+
+    # --- job lifecycle ---
+    lease_s: int = Field(300, ge=5)
+    max_attempts: int = Field(3, ge=1, le=20)
+    sweep_interval_s: float = Field(2.0, gt=0, le=60)
+    # A committed row the API failed to publish is re-published once it is this old.
+    redispatch_after_s: float = Field(2.0, ge=0)
+    progress_interval_s: float = Field(0.5, ge=0)
+
+    # --- API ---
+    api_base_url: str = "http://127.0.0.1:8000"
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _prefix_shape(cls, v: str) -> str:
+        if v and not v.endswith(":"):
+            v += ":"
+        return v
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets_in_production(self) -> Settings:
+        if self.environment == "production" and self.s3_secret_access_key in _PLACEHOLDER_SECRETS:
+            raise ValueError("ZIMAGE_S3_SECRET_ACCESS_KEY must be set to a real secret in production")
+        return self
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``ZIMAGE_*`` environment variables (to start another process with them)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[f"ZIMAGE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    @property
+    def presign_endpoint(self) -> str | None:
+        """The S3 endpoint that presigned URLs name."""
+        return self.s3_public_endpoint_url or self.s3_endpoint_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,68 @@
+"""Turning a validated job request into the row that is inserted: seed, group key, cost, request hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from typing import Any
+
+from core import ids
+from core.queue import queue_for
+from core.schemas import MAX_SEED, JobRequest
+
+PATCH = 16  # pixels per image token: VAE factor 8 times transformer patch 2
+
+
+def request_hash(normalized: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a normalized request (seed as the client gave it)."""
+    canonical = json.dumps(normalized, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def group_key(req: JobRequest) -> str:
+    """Jobs with equal keys can share one pipeline call: same model and mode, size, steps, guidance, adapters."""
+    loras = ",".join(f"{lo.adapter_id}:{lo.scale:g}" for lo in sorted(req.loras, key=lambda lo: lo.adapter_id))
+    parts = [req.kind, req.mode or "-", f"{req.width}x{req.height}", str(req.steps), f"{req.guidance_scale:g}"]
+    if req.mode in ("img2img", "inpaint"):
+        parts.append(f"s{req.strength:g}")
+    parts.append(loras)
+    return "|".join(parts)
+
+
+def cost_tokens(req: JobRequest) -> int:
+    """Image tokens the job adds to a batch (what bounds a batch on the accelerator)."""
+    return (req.width // PATCH) * (req.height // PATCH) * req.num_images
+
+
+def build_job_row(
+    req: JobRequest,
+    *,
+    tenant_id: str,
+    max_attempts: int,
+    idempotency_key: str | None = None,
+    batch_id: str | None = None,
+    batch_index: int | None = None,
+) -> dict[str, Any]:
+    """The ``jobs`` row for a request: a new id, the seed chosen when the client left it out, routing keys."""
+    normalized = req.normalized()
+    digest = request_hash(normalized)
+    if normalized["seed"] is None:
+        # Leave room for seed + num_images - 1 within the allowed range.
+        normalized["seed"] = secrets.randbelow(MAX_SEED - 8)
+    return {
+        "id": ids.job_id(),
+        "tenant_id": tenant_id,
+        "batch_id": batch_id,
+        "batch_index": batch_index,
+        "kind": req.kind,
+        "queue": queue_for(req.kind, req.mode),
+        "group_key": group_key(req),
+        "cost_tokens": cost_tokens(req),
+        "priority": req.priority,
+        "request": normalized,
+        "metadata": normalized["metadata"],
+        "max_attempts": max_attempts,
+        "idempotency_key": idempotency_key,
+        "request_hash": digest if idempotency_key is not None else None,
+    }

@@ -1,0 +1,112 @@
+"""The sweeper: re-publishes committed jobs whose message never reached Redis, and ends or requeues jobs whose
+lease expired. Any number may run (API processes, workers); a Postgres advisory lock lets one act at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, text
+
+from core import queue
+from core.settings import Settings
+from core.status import ErrorCode, JobStatus
+
+log = logging.getLogger(__name__)
+
+_LOCK_KEY = 0x5A494D47  # "ZIMG": the advisory lock every sweeper takes before acting
+
+_EXPIRE = text(
+    f"""
+UPDATE jobs SET
+    status = CASE WHEN attempt >= max_attempts THEN '{JobStatus.FAILED}' ELSE '{JobStatus.QUEUED}' END,
+    error_code = CASE WHEN attempt >= max_attempts THEN '{ErrorCode.MAX_ATTEMPTS_EXCEEDED}' END,
+    error_message = CASE WHEN attempt >= max_attempts
+        THEN 'the job lost its worker ' || attempt || ' times' END,
+    finished_at = CASE WHEN attempt >= max_attempts THEN clock_timestamp() END,
+    lease_expires_at = NULL, worker_id = NULL, progress_step = NULL, progress_total = NULL,
+    dispatched_at = NULL, updated_at = clock_timestamp()
+WHERE status = '{JobStatus.RUNNING}' AND lease_expires_at < clock_timestamp()
+RETURNING id, status
+"""
+)
+
+_UNDISPATCHED = text(
+    f"""
+SELECT id, queue FROM jobs
+WHERE status = '{JobStatus.QUEUED}' AND dispatched_at IS NULL
+  AND created_at < clock_timestamp() - make_interval(secs => :age_s)
+ORDER BY created_at
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+"""
+)
+
+_MARK_DISPATCHED = text("UPDATE jobs SET dispatched_at = clock_timestamp() WHERE id = ANY(CAST(:ids AS text[]))")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What one sweep did."""
+
+    acted: bool  # False when another sweeper held the lock
+    requeued: int = 0
+    failed: int = 0
+    published: int = 0
+
+
+def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int = 10_000) -> SweepResult:  # type: ignore[no-untyped-def]
+    """One pass of the sweeper (a no-op when another sweeper holds the lock). Raises if Redis is down."""
+    with engine.connect() as conn:
+        if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
+            conn.rollback()
+            return SweepResult(acted=False)
+        expired = conn.execute(_EXPIRE).all()
+        conn.commit()  # the expiry stands even if Redis is down below
+        requeued = sum(1 for r in expired if r.status == JobStatus.QUEUED)
+        failed = len(expired) - requeued
+        if expired:
+            log.warning("sweeper: %d expired leases requeued, %d failed", requeued, failed)
+
+        if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
+            conn.rollback()
+            return SweepResult(acted=True, requeued=requeued, failed=failed)
+        rows = conn.execute(_UNDISPATCHED, {"age_s": settings.redispatch_after_s, "limit": limit}).all()
+        if not rows:
+            conn.rollback()
+            return SweepResult(acted=True, requeued=requeued, failed=failed)
+        try:
+            queue.publish(redis_client, settings.redis_prefix, [(r.id, r.queue) for r in rows])
+        except Exception:
+            conn.rollback()
+            raise
+        conn.execute(_MARK_DISPATCHED, {"ids": [r.id for r in rows]})
+        conn.commit()
+        log.info("sweeper: published %d undispatched jobs", len(rows))
+        return SweepResult(acted=True, requeued=requeued, failed=failed, published=len(rows))
+
+
+class SweeperThread(threading.Thread):
+    """Runs ``sweep_once`` every ``settings.sweep_interval_s`` until stopped; errors are logged, never fatal."""
+
+    def __init__(self, engine: Engine, redis_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(name="zimage-sweeper", daemon=True)
+        self._engine = engine
+        self._redis = redis_client
+        self._settings = settings
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        """Sweep until ``stop`` is called."""
+        while not self._stop_event.wait(self._settings.sweep_interval_s):
+            try:
+                sweep_once(self._engine, self._redis, self._settings)
+            except Exception as exc:  # a dependency is down: try again next interval
+                log.warning("sweep failed: %s", exc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end and wait for it."""
+        self._stop_event.set()
+        self.join(timeout)

@@ -1,0 +1,1 @@
+"""Deployment helpers: a local SeaweedFS S3 server for development and tests."""

@@ -1,0 +1,3 @@
+"""Test-wide fixtures: real Postgres, Redis and SeaweedFS, and the tiny checkpoint, each set up once per run."""
+
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.s3", "tests.fixtures.services"]

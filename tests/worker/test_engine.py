@@ -1,0 +1,209 @@
+"""The engine: one pipeline call per batch, each image equal to its own single call, steps and cancel exact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ZImagePipeline
+from PIL import Image
+
+from worker.engine import BatchInterrupted, Engine, ImageRequest, resolve_device, resolve_dtype
+
+TOLERANCE = 2  # max abs difference on uint8 pixels: 2/255
+SIZE = 256
+
+EN_SHORT = "a cat"
+EN_LONG = (
+    "Young Chinese woman in red Hanfu, intricate embroidery. Impeccable makeup, red floral forehead pattern. "
+    "Elaborate high bun, golden phoenix headdress, red flowers, beads. Holds round folding fan with lady, trees."
+)
+ZH = "一名穿著紅色漢服的年輕中國女子"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_turbo_dir: Path) -> Engine:
+    """An engine on the tiny checkpoint, loaded as the worker loads the real one."""
+    return Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_turbo_dir: Path) -> ZImagePipeline:
+    """A separate, plainly loaded pipeline for the single-image calls the engine must reproduce."""
+    pipe = ZImagePipeline.from_pretrained(tiny_turbo_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def passes(engine: Engine) -> Iterator[list[int]]:
+    """Counts the engine's transformer forward passes during one test."""
+    count = [0]
+    handle = engine.pipe.transformer.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    yield count
+    handle.remove()
+
+
+def request(prompt: str = EN_SHORT, seeds: tuple[int, ...] = (0,), **overrides: object) -> ImageRequest:
+    """A small request with test defaults."""
+    fields: dict[str, object] = {"width": SIZE, "height": SIZE, "steps": 2, "guidance_scale": 0.0}
+    fields.update(overrides)
+    return ImageRequest(prompt=prompt, seeds=seeds, **fields)  # type: ignore[arg-type]
+
+
+def single(pipe: ZImagePipeline, req: ImageRequest, seed: int) -> Image.Image:
+    """The plain one-image call a user would write for this request and seed."""
+    return pipe(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        width=req.width,
+        height=req.height,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+
+
+def diff(a: Image.Image, b: Image.Image) -> int:
+    """Max abs pixel difference of two uint8 images."""
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def test_batch_equals_single_calls(engine: Engine, reference: ZImagePipeline, passes: list[int]) -> None:
+    requests = [request(EN_SHORT, (11, 12)), request(EN_LONG, (13,)), request(ZH, (14, 15))]
+    batches = engine.generate(requests)
+    assert passes[0] == 2  # every request in ONE pipeline call: one pass per step, not per image
+    assert [len(images) for images in batches] == [2, 1, 2]
+    for req, images in zip(requests, batches, strict=True):
+        for seed, image in zip(req.seeds, images, strict=True):
+            assert diff(image, single(reference, req, seed)) <= TOLERANCE, (req.prompt, seed)
+
+
+def test_the_comparison_can_tell_prompts_and_seeds_apart(reference: ZImagePipeline) -> None:
+    # Guards the test above: with a tolerance wider than the prompt's effect it would prove nothing.
+    base = single(reference, request(EN_SHORT), seed=11)
+    assert diff(base, single(reference, request(ZH), seed=11)) > 4 * TOLERANCE
+    assert diff(base, single(reference, request(EN_LONG), seed=11)) > 4 * TOLERANCE
+    assert diff(base, single(reference, request(EN_SHORT), seed=12)) > 4 * TOLERANCE
+
+
+def test_guidance_uses_each_requests_negative_prompt(engine: Engine, reference: ZImagePipeline) -> None:
+    requests = [
+        request(EN_SHORT, (21,), guidance_scale=1.5, negative_prompt="blurry"),
+        request(ZH, (22,), guidance_scale=1.5),
+    ]
+    batches = engine.generate(requests)
+    for req, images in zip(requests, batches, strict=True):
+        assert diff(images[0], single(reference, req, req.seeds[0])) <= TOLERANCE
+    other_negative = request(EN_SHORT, (21,), guidance_scale=1.5, negative_prompt="sharp, colourful")
+    assert diff(batches[0][0], single(reference, other_negative, 21)) > TOLERANCE
+
+
+def test_eight_steps_run_eight_transformer_passes(engine: Engine, passes: list[int]) -> None:
+    engine.generate([request(steps=8, seeds=(1, 2)), request(ZH, (3,), steps=8)])
+    assert passes[0] == 8
+
+
+def test_on_step_reports_every_step(engine: Engine) -> None:
+    calls: list[tuple[int, int]] = []
+    images = engine.generate([request(steps=4)], on_step=lambda done, total: calls.append((done, total)) or False)
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert len(images[0]) == 1
+
+
+def test_on_step_true_interrupts_the_batch(engine: Engine, passes: list[int]) -> None:
+    calls: list[int] = []
+
+    def cancel_after_three(done: int, total: int) -> bool:
+        calls.append(done)
+        return done == 3
+
+    with pytest.raises(BatchInterrupted) as info:
+        engine.generate([request(steps=8, seeds=(1, 2))], on_step=cancel_after_three)
+    assert passes[0] == 3
+    assert calls == [1, 2, 3]
+    assert (info.value.steps_done, info.value.total) == (3, 8)
+    # The next batch runs in full: the pipeline's interrupt flag does not leak into it.
+    passes[0] = 0
+    assert len(engine.generate([request(steps=2)])[0]) == 1
+    assert passes[0] == 2
+
+
+@pytest.mark.parametrize(
+    "other",
+    [{"width": 2 * SIZE}, {"height": 2 * SIZE}, {"steps": 3}, {"guidance_scale": 1.5}],
+    ids=["width", "height", "steps", "guidance"],
+)
+def test_incompatible_requests_are_refused(engine: Engine, passes: list[int], other: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="share"):
+        engine.generate([request(), request(ZH, **other)])
+    assert passes[0] == 0
+
+
+@pytest.mark.parametrize(
+    "bad", [{"width": 250}, {"height": 0}, {"steps": 0}, {"seeds": ()}, {"guidance_scale": -1.0}]
+)
+def test_invalid_requests_are_refused(engine: Engine, bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        engine.generate([request(**bad)])
+
+
+def test_generate_twice_gives_the_same_images(engine: Engine) -> None:
+    # ZImagePipeline rewrites a list prompt in place; reusing a list would wrap the prompt twice.
+    requests = [request(EN_SHORT, (5, 6)), request(ZH, (7,))]
+    first = engine.generate(requests)
+    second = engine.generate(requests)
+    for a, b in zip(sum(first, []), sum(second, []), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(("width", "height"), [(256, 384), (384, 256)])
+def test_output_has_the_requested_size(engine: Engine, width: int, height: int) -> None:
+    images = engine.generate([request(width=width, height=height, seeds=(1, 2))])
+    assert [image.size for image in images[0]] == [(width, height)] * 2
+    assert all(image.mode == "RGB" for image in images[0])
+
+
+def test_empty_batch(engine: Engine) -> None:
+    assert engine.generate([]) == []
+
+
+def test_load_count_and_warmup(engine: Engine, reference: ZImagePipeline, passes: list[int]) -> None:
+    assert engine.load_count == 1
+    assert Engine(reference, model_id="x").load_count == 0
+    engine.warmup()
+    assert passes[0] == 1
+
+
+def test_resolve_device_and_dtype() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_engine_runs_without_the_service_packages() -> None:
+    # A bare GPU host has only torch, diffusers and friends: simulate it by making the service packages absent.
+    code = (
+        "import sys\n"
+        "for name in ['celery', 'kombu', 'redis', 'sqlalchemy', 'pydantic', 'pydantic_settings', 'boto3',\n"
+        "             'botocore', 'fastapi', 'core', 'api']:\n"
+        "    sys.modules[name] = None\n"
+        "import worker.engine, worker.encode, worker.tiny_checkpoint\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)

@@ -1,0 +1,1 @@
+"""Celery GPU worker and its inference engine."""

@@ -1,0 +1,42 @@
+"""The Celery application of the GPU workers and the settings that make its delivery fit the job model.
+
+Start a worker with ``celery -A worker.app worker --pool solo --concurrency 1 --queues generate``: one
+process per GPU; its pipelines are loaded once, before it consumes its first message.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from core.queue import QUEUES
+from core.settings import Settings, get_settings
+
+
+def create_celery(settings: Settings) -> Celery:
+    """A Celery app wired to the broker and key prefix of ``settings`` (it connects only when used)."""
+    app = Celery("zimage", broker=settings.redis_url, include=["worker.tasks"])
+    # Longest batch we let run: a lease's worth. Delivery must outlast it, or Redis hands the message to a
+    # second worker while the first still runs (a duplicate, harmless but wasteful).
+    visibility_timeout = max(3600, settings.lease_s * 4)
+    app.conf.update(
+        broker_transport_options={
+            "global_keyprefix": settings.redis_prefix,  # runs sharing one Redis never see each other's queues
+            "visibility_timeout": visibility_timeout,  # above the time limit below, so no double delivery
+        },
+        broker_connection_retry_on_startup=True,  # a worker started before Redis waits for it
+        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+        task_default_queue="generate",
+        task_acks_late=True,  # ack after the batch ran: a crash mid-batch redelivers the wake-up
+        task_reject_on_worker_lost=True,  # a killed child requeues its message instead of acking it
+        worker_prefetch_multiplier=1,  # take one message at a time; batches are formed in Postgres
+        worker_cancel_long_running_tasks_on_connection_loss=True,  # the message is redelivered anyway
+        task_ignore_result=True,  # status lives in Postgres; no result backend
+        task_time_limit=visibility_timeout - 60,  # a hung batch dies before its message is redelivered
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+app = create_celery(get_settings())

@@ -1,0 +1,53 @@
+"""Celery tasks and the worker's start-up and shutdown hooks. Thin: each calls one function."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from core.queue import TASK_RUN_BATCH
+from core.settings import get_settings
+from worker import process
+from worker.app import app
+from worker.runner import run_next_batch
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=TASK_RUN_BATCH, bind=True)
+def run_batch(self: Any, job_id: str) -> dict[str, int]:
+    """Wake-up for ``job_id``: run the next batch of this queue (the job's own batch, or an older one).
+
+    The message only says "there is work"; which jobs run is decided by the claim in Postgres, so a message
+    whose job is already claimed, finished or canceled costs one empty claim and is acked.
+    """
+    queue = (self.request.delivery_info or {}).get("routing_key") or "generate"
+    report = run_next_batch(process.get_context(), queue)
+    return report.__dict__
+
+
+def _queues_of(sender: Any) -> tuple[str, ...]:
+    """The queues this worker consumes (``--queues``), read from the running app."""
+    names = list(app.amqp.queues.consume_from or app.amqp.queues)
+    return tuple(sorted(str(n) for n in names)) or ("generate",)
+
+
+@signals.worker_init.connect
+def _load_in_solo_pool(sender: Any = None, **_: Any) -> None:
+    """Solo pool: the worker process itself runs tasks, so load the pipelines before consuming."""
+    if "solo" in str(getattr(sender, "pool_cls", "")).lower():
+        process.build_context(get_settings(), _queues_of(sender))
+
+
+@signals.worker_process_init.connect
+def _load_in_pool_child(**_: Any) -> None:
+    """Prefork pool: each child loads its own pipelines (CUDA state cannot cross a fork)."""
+    process.build_context(get_settings(), _queues_of(None))
+
+
+@signals.worker_shutdown.connect
+def _close(**_: Any) -> None:
+    """Release connections and threads when the worker stops."""
+    process.close_context()
