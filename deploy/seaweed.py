@@ -92,16 +92,17 @@ def pick_ports(s3_port: int | None = None) -> SeaweedPorts:
                 raise SeaweedStartError(f"port {port} on {HOST} is in use (needed for S3 port {s3_port})")
         taken.add(s3_port)
     chosen: list[int] = []
+    needed = 4 if s3_port is not None else 5
     rng = random.SystemRandom()
     for _ in range(10_000):
-        if len(chosen) == (4 if s3_port is not None else 5):
-            break
         port = rng.randint(*_PORT_RANGE)
         if port in taken or port in _AVOID:
             continue
         taken.add(port)
         if _is_free(port) and _is_free(port + GRPC_OFFSET):
             chosen.append(port)
+            if len(chosen) == needed:
+                break
     else:
         raise SeaweedStartError(f"no free port pairs in {_PORT_RANGE} on {HOST}")
     if s3_port is not None:

@@ -26,7 +26,7 @@ def encode_image(
     quality: int = 90,
     text: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Encode ``image`` as ``fmt``; PNG keeps ``text`` as iTXt chunks, JPEG/WEBP as JSON in EXIF ImageDescription."""
+    """Encode ``image`` as ``fmt``; ``text`` goes in PNG iTXt chunks or in JPEG/WEBP EXIF as JSON."""
     if fmt not in _PIL_FORMATS:
         raise ValueError(f"unknown image format {fmt!r}: use one of {', '.join(_PIL_FORMATS)}")
     if not 1 <= quality <= 100:
@@ -49,7 +49,7 @@ def read_text(data: bytes) -> dict[str, str]:
     with Image.open(io.BytesIO(data)) as image:
         if image.format == "PNG":
             # iTXt values come back as a str subclass; hand out plain strings.
-            return {key: str(value) for key, value in image.text.items()}
+            return {key: str(value) for key, value in getattr(image, "text", {}).items()}
         description = image.getexif().get(_EXIF_IMAGE_DESCRIPTION)
     return dict(json.loads(description)) if description else {}
 

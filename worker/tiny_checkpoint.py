@@ -1,8 +1,9 @@
 """Build a tiny random-weight checkpoint shaped like Z-Image-Turbo, offline, in a few seconds.
 
-Every component is the real class the Turbo checkpoint uses (ZImageTransformer2DModel, Qwen3Model, a FLUX-layout
-AutoencoderKL, FlowMatchEulerDiscreteScheduler, Qwen2Tokenizer), saved with ``ZImagePipeline.save_pretrained``,
-so ``ZImagePipeline.from_pretrained(DIR)`` runs exactly the code path used with the real weights.
+Every component is the real class the Turbo checkpoint uses (ZImageTransformer2DModel, Qwen3Model, a
+FLUX-layout AutoencoderKL, FlowMatchEulerDiscreteScheduler, Qwen2Tokenizer), saved with
+``ZImagePipeline.save_pretrained``, so ``ZImagePipeline.from_pretrained(DIR)`` runs exactly the code path used
+with the real weights.
 
 Usage: ``python -m worker.tiny_checkpoint DIR [--seed N]``.
 """
@@ -61,12 +62,12 @@ _CORPUS = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
     "Young Chinese woman in red Hanfu, intricate embroidery. Impeccable makeup, red floral forehead pattern.",
     "Elaborate high bun, golden phoenix headdress, red flowers, beads. Holds round folding fan with lady.",
-    "Neon lightning-bolt lamp, bright yellow glow, above extended left palm. Soft-lit outdoor night background.",
+    "Neon lightning-bolt lamp, bright yellow glow, above extended left palm. Soft-lit night background.",
     "A futuristic city at night with neon lights, rain on the street, reflections, cinematic lighting, 4k.",
     "A beautiful landscape with mountains and a lake at sunrise, mist over the water, pine trees.",
     "Portrait of an old man with a white beard, studio lighting, 85mm lens, shallow depth of field.",
     "A bowl of ramen with an egg, steam rising, wooden table, top view, food photography.",
-    "Poster with the title \"Z-Image Turbo\" in bold letters, minimal design, blue and orange colors.",
+    'Poster with the title "Z-Image Turbo" in bold letters, minimal design, blue and orange colors.',
     "一名穿著紅色漢服的年輕中國女子，精緻的刺繡，完美的妝容，額頭上有紅色花卉圖案。",
     "一名穿着红色汉服的年轻中国女子，精致的刺绣，完美的妆容，额头上有红色花卉图案。",
     "一幅为名为“造相”的项目设计的创意海报。一辆复古蒸汽小火车化身为巨大的拉链头，正拉开厚厚的冬日积雪。",
@@ -98,7 +99,7 @@ def build_tokenizer() -> Qwen2Tokenizer:
     model = json.loads(bpe.to_str())["model"]
     tokenizer = Qwen2Tokenizer(
         vocab=model["vocab"],
-        merges=[tuple(pair) for pair in model["merges"]],
+        merges=[tuple(pair) for pair in model["merges"]],  # type: ignore[misc]  # pairs, as BPE takes them
         extra_special_tokens=[IM_START, IM_END],
         padding_side="right",
         model_max_length=MODEL_MAX_LENGTH,
@@ -139,13 +140,13 @@ def build_transformer() -> ZImageTransformer2DModel:
         n_heads=2,
         n_kv_heads=2,
         cap_feat_dim=TEXT_HIDDEN,
-        # head_dim 32 == sum(axes_dims). axes_lens as in the real model: 1536 caption/frame positions (a 512-token
-        # prompt padded to 32 plus the image's frame index) and 512 patches a side (2048 px needs only 128).
+        # head_dim 32 == sum(axes_dims). axes_lens as in the real model: 1536 caption/frame positions (a
+        # 512-token prompt padded to 32, then the image's frame index), 512 patches a side (2048 px: 128).
         axes_dims=[8, 12, 12],
         axes_lens=[1536, 512, 512],
     ).eval()
     # At default init the prompt barely moves the image (about 10/255 at most); doubling every weight matrix
-    # makes different prompts clearly different images, so tests can tell a wrong or double-wrapped prompt apart.
+    # makes different prompts clearly different images, so tests can tell a wrong or double-wrapped prompt.
     with torch.no_grad():
         for param in transformer.parameters():
             if param.ndim == 2:
@@ -225,7 +226,9 @@ def ensure_tiny_turbo(path: Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: build (or, with --if-missing, reuse) a tiny checkpoint."""
-    parser = argparse.ArgumentParser(prog="python -m worker.tiny_checkpoint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.tiny_checkpoint", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("dir", type=Path, help="output folder (a diffusers pipeline folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--if-missing", action="store_true", help="keep an existing build of this version")

@@ -1,4 +1,4 @@
-"""The engine: one pipeline call per batch, each image equal to its own single call, steps and cancel exact."""
+"""The engine: one pipeline call per batch, each image equal to its single call, exact steps and cancel."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SIZE = 256
 EN_SHORT = "a cat"
 EN_LONG = (
     "Young Chinese woman in red Hanfu, intricate embroidery. Impeccable makeup, red floral forehead pattern. "
-    "Elaborate high bun, golden phoenix headdress, red flowers, beads. Holds round folding fan with lady, trees."
+    "Elaborate high bun, golden phoenix headdress, red flowers, beads. Holds a round folding fan."
 )
 ZH = "一名穿著紅色漢服的年輕中國女子"
 
@@ -111,7 +111,9 @@ def test_eight_steps_run_eight_transformer_passes(engine: Engine, passes: list[i
 
 def test_on_step_reports_every_step(engine: Engine) -> None:
     calls: list[tuple[int, int]] = []
-    images = engine.generate([request(steps=4)], on_step=lambda done, total: calls.append((done, total)) or False)
+    images = engine.generate(
+        [request(steps=4)], on_step=lambda done, total: calls.append((done, total)) or False
+    )
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert len(images[0]) == 1
 
@@ -139,7 +141,9 @@ def test_on_step_true_interrupts_the_batch(engine: Engine, passes: list[int]) ->
     [{"width": 2 * SIZE}, {"height": 2 * SIZE}, {"steps": 3}, {"guidance_scale": 1.5}],
     ids=["width", "height", "steps", "guidance"],
 )
-def test_incompatible_requests_are_refused(engine: Engine, passes: list[int], other: dict[str, object]) -> None:
+def test_incompatible_requests_are_refused(
+    engine: Engine, passes: list[int], other: dict[str, object]
+) -> None:
     with pytest.raises(ValueError, match="share"):
         engine.generate([request(), request(ZH, **other)])
     assert passes[0] == 0
@@ -197,7 +201,7 @@ def test_resolve_device_and_dtype() -> None:
 
 
 def test_engine_runs_without_the_service_packages() -> None:
-    # A bare GPU host has only torch, diffusers and friends: simulate it by making the service packages absent.
+    # A bare GPU host has only torch, diffusers and friends: simulate it by hiding the service packages.
     code = (
         "import sys\n"
         "for name in ['celery', 'kombu', 'redis', 'sqlalchemy', 'pydantic', 'pydantic_settings', 'boto3',\n"

@@ -125,7 +125,9 @@ def test_chat_template_matches_what_the_pipeline_asks_for(pipe: ZImagePipeline) 
 
 def test_the_pipeline_runs_end_to_end(pipe: ZImagePipeline) -> None:
     generator = torch.Generator("cpu").manual_seed(0)
-    image = pipe(CHINESE, width=256, height=256, num_inference_steps=1, guidance_scale=0.0, generator=generator)
+    image = pipe(
+        CHINESE, width=256, height=256, num_inference_steps=1, guidance_scale=0.0, generator=generator
+    )
     assert image.images[0].size == (256, 256)
 
 
@@ -138,9 +140,10 @@ def test_same_seed_gives_identical_files(tmp_path: Path, tiny_turbo_dir: Path) -
     # The seed must matter, or the equality above would prove nothing.
     different = _weight_files(other)
     assert different["tokenizer/tokenizer.json"] == first["tokenizer/tokenizer.json"]
-    assert different["transformer/diffusion_pytorch_model.safetensors"] != first[
-        "transformer/diffusion_pytorch_model.safetensors"
-    ]
+    assert (
+        different["transformer/diffusion_pytorch_model.safetensors"]
+        != first["transformer/diffusion_pytorch_model.safetensors"]
+    )
 
 
 def test_build_leaves_the_global_rng_alone(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from diffusers import ZImagePipeline
+
+# The defining module, not `from diffusers import ...`: type checkers resolve the top-level name to a dummy.
+from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 
 _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -49,7 +51,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_turbo(model: str, device: torch.device, dtype: torch.dtype) -> ZImagePipeline:
-    """Load a Z-Image-Turbo pipeline (hub id or local folder) onto ``device`` in ``dtype``, progress bars off."""
+    """Load a Z-Image-Turbo pipeline (hub id or local folder) onto ``device`` in ``dtype``, quietly."""
     # diffusers 0.42 deprecates `torch_dtype=` in favour of `dtype=`.
     pipe = ZImagePipeline.from_pretrained(model, dtype=dtype)
     pipe.to(device)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import ZImagePipeline
+
+# The defining module, not `from diffusers import ...`: type checkers resolve the top-level name to a dummy.
+from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
 from worker.engine.pipelines import load_turbo, resolve_device, resolve_dtype
@@ -86,7 +88,7 @@ class Engine:
         seeds = [seed for request in requests for seed in request.seeds]
         negative_prompts = None
         # ZImagePipeline runs classifier-free guidance whenever guidance_scale > 0 (pos + s * (pos - neg)),
-        # not only above 1, and then encodes "" as the negative: pass the requests' own negatives exactly then.
+        # not only above 1, encoding "" as the negative: pass the requests' own negatives exactly then.
         if shape.guidance_scale > 0:
             negative_prompts = [request.negative_prompt or "" for request in requests for _ in request.seeds]
         images = self._call_pipeline(prompts, negative_prompts, seeds, shape, on_step)
@@ -104,7 +106,9 @@ class Engine:
         for request in requests:
             other = _BatchShape(request.width, request.height, request.steps, float(request.guidance_scale))
             if other != shape:
-                raise ValueError(f"requests in one batch must share size, steps and guidance: {shape} != {other}")
+                raise ValueError(
+                    f"requests in one batch must share size, steps and guidance: {shape} != {other}"
+                )
             if not request.seeds:
                 raise ValueError("every request needs at least one seed")
         multiple = self.pipe.vae_scale_factor * 2
@@ -126,7 +130,7 @@ class Engine:
         shape: _BatchShape,
         on_step: StepCallback | None,
     ) -> list[Image.Image]:
-        """One pipeline call for one image per prompt; the hook for prompt caching, token budgets, OOM splits."""
+        """One pipeline call, one image per prompt; the hook for prompt caching, token budgets, OOM splits."""
         # One CPU generator per image: each image's noise is the same whatever batch or device it runs on.
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         stopped: list[int] = []
@@ -134,8 +138,8 @@ class Engine:
         if on_step is not None:
             kwargs["callback_on_step_end"] = self._step_callback(on_step, stopped)
         output = self.pipe(
-            # ZImagePipeline wraps a list prompt in the chat template IN PLACE: always hand it fresh lists, or a
-            # retry with the same list object would be wrapped twice and silently change the image.
+            # ZImagePipeline wraps a list prompt in the chat template IN PLACE: always hand it fresh lists,
+            # or a retry with the same list object would be wrapped twice and silently change the image.
             prompt=list(prompts),
             negative_prompt=list(negative_prompts) if negative_prompts is not None else None,
             height=shape.height,
@@ -155,11 +159,13 @@ class Engine:
     def _step_callback(on_step: StepCallback, stopped: list[int]) -> Callable[..., dict[str, Any]]:
         """Adapt on_step(step_done, total) to diffusers' callback_on_step_end; record where it stopped."""
 
-        def callback(pipe: ZImagePipeline, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        def callback(
+            pipe: ZImagePipeline, index: int, timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
             step_done = index + 1
             if on_step(step_done, pipe.num_timesteps):
                 # The pipeline skips every remaining step once its interrupt flag is set.
-                pass
+                pipe._interrupt = True
                 stopped.append(step_done)
             return {}
 

@@ -1,0 +1,42 @@
+# Z-Image job service. `make demo` runs the main job; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TINY := checkpoints/tiny/turbo
+
+.PHONY: install checkpoint migrate up down demo test test-fast lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project with its dev tools
+
+$(TINY)/tiny_checkpoint.json: $(STAMP) worker/tiny_checkpoint.py
+	$(PY) -m worker.tiny_checkpoint $(TINY)
+
+checkpoint: $(TINY)/tiny_checkpoint.json  ## build the tiny random-weight checkpoint (offline, seconds)
+
+migrate: install  ## create the database if needed and apply migrations
+	$(VENV)/bin/zimage-admin migrate
+
+up: install checkpoint  ## start SeaweedFS, the API and a worker in the background; writes .run/env
+	$(PY) -m deploy.stack up
+
+down:  ## stop what `make up` started
+	$(PY) -m deploy.stack down
+
+demo: install checkpoint  ## the main job: stack up, 16+ prompts, progress, images and a gallery, stack down
+	$(PY) -m deploy.demo
+
+test: install  ## every test, against real Postgres, Redis, SeaweedFS and the tiny pipeline
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy api core worker client deploy
+
+clean:
+	rm -rf .run demo-output checkpoints .pytest_cache

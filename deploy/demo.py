@@ -1,0 +1,169 @@
+"""``make demo``: start the stack on the embedded defaults, submit a mixed batch of English and Chinese prompts,
+show progress, download every image into ``demo-output/`` with an ``index.html`` gallery, print a summary, and
+stop everything it started (also on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import html
+import signal
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from client import ZImageClient
+from core.admin import create_key
+from deploy.stack import ROOT, Stack, dev_settings
+
+OUT = ROOT / "demo-output"
+
+PROMPTS = [
+    ("a red fox in fresh snow at dawn, telephoto, soft light", 256, 256),
+    ("一名穿著紅色漢服的年輕中國女子", 256, 256),
+    ("a lighthouse on a cliff during a storm, oil painting", 384, 256),
+    ("一只在竹林里吃竹子的大熊猫，水墨画风格", 256, 384),
+    ("isometric cutaway of a tiny coffee shop, 3d render", 256, 256),
+    ("夜晚的上海外滩，霓虹灯倒映在黄浦江上", 384, 256),
+    ("macro photo of a dew drop on a green leaf", 256, 256),
+    ("a vintage robot reading a newspaper in a cafe", 256, 384),
+    ("雪山下的藏族村庄，清晨的阳光", 256, 256),
+    ("a bowl of ramen with steam rising, food photography", 512, 512),
+    ("watercolor map of an imaginary archipelago", 384, 256),
+    ("一杯冒着热气的龙井茶，放在木桌上", 256, 256),
+    ("an astronaut riding a horse on the moon, cinematic", 256, 384),
+    ("a cozy reading nook with rain on the window", 256, 256),
+    ("敦煌壁画风格的飞天仙女", 384, 256),
+    ("a paper boat floating on a puddle after rain", 256, 256),
+    ("neon sign that says OPEN above a noodle bar", 256, 256),
+    ("秋天的故宫，红墙黄叶", 256, 384),
+]
+
+
+def _port(preferred: int) -> int:
+    """``preferred`` when free on loopback, else any free port."""
+    for candidate in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
+def _progress_line(jobs: dict[str, dict[str, Any]], total: int) -> str:
+    counts: dict[str, int] = {}
+    steps = []
+    for job in jobs.values():
+        counts[job["status"]] = counts.get(job["status"], 0) + 1
+        if job["status"] == "running" and job["progress"]:
+            steps.append(f"{job['progress']['step']}/{job['progress']['total']}")
+    done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "canceled"))
+    running = f" running {counts.get('running', 0)} (steps {' '.join(steps)})" if steps else ""
+    return f"  [{done:>2}/{total}] queued {counts.get('queued', 0):>2}{running}"
+
+
+def _gallery(entries: list[dict[str, Any]]) -> str:
+    cards = []
+    for e in entries:
+        img = f'<img src="{html.escape(e["file"])}" loading="lazy">' if e.get("file") else "<div>no image</div>"
+        cards.append(
+            f'<figure>{img}<figcaption><b>{html.escape(e["prompt"])}</b><br>'
+            f'{e["width"]}×{e["height"]} · seed {e["seed"]} · {html.escape(e["status"])} · '
+            f'{e["latency_ms"]} ms</figcaption></figure>'
+        )
+    return (
+        "<!doctype html><meta charset=utf-8><title>Z-Image demo</title>"
+        "<style>body{font:14px system-ui;margin:2em}main{display:grid;"
+        "grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:1em}"
+        "img{width:100%;image-rendering:pixelated;border-radius:4px}figure{margin:0}</style>"
+        "<h1>Z-Image demo</h1><p>Tiny random-weight checkpoint: the images are noise, every code path is real."
+        f"</p><main>{''.join(cards)}</main>"
+    )
+
+
+def run() -> int:
+    """Run the demo; returns the process exit code."""
+    run_dir = ROOT / ".run" / "demo"
+    api_port, s3_port = _port(8000), _port(8333)
+    settings = dev_settings(run_dir, s3_port=s3_port, api_port=api_port)
+    stack = Stack(settings, run_dir, api_port=api_port, s3_port=s3_port)
+    print(f"starting SeaweedFS (:{s3_port}), the API (:{api_port}) and a worker ({settings.turbo_model}) ...")
+    started = time.monotonic()
+    try:
+        stack.start()
+        print(f"stack ready in {time.monotonic() - started:.1f} s; logs in {run_dir / 'logs'}")
+        key = create_key(settings, "demo")
+        with ZImageClient(stack.api_url, key) as client:
+            return _submit_and_collect(client)
+    finally:
+        print("stopping the stack ...")
+        stack.stop()
+        print("stopped.")
+
+
+def _submit_and_collect(client: ZImageClient) -> int:
+    t0 = time.monotonic()
+    jobs = [
+        client.submit({"prompt": p, "width": w, "height": h, "seed": 1000 + i, "metadata": {"demo_index": i}})
+        for i, (p, w, h) in enumerate(PROMPTS)
+    ]
+    print(f"submitted {len(jobs)} jobs in {time.monotonic() - t0:.2f} s")
+    last = [""]
+
+    def show(current: dict[str, dict[str, Any]]) -> None:
+        line = _progress_line(current, len(jobs))
+        if line != last[0]:
+            print(line, flush=True)
+            last[0] = line
+
+    finished = client.wait([j["id"] for j in jobs], timeout_s=900, on_update=show)
+    wall = time.monotonic() - t0
+
+    OUT.mkdir(exist_ok=True)
+    entries, latencies, images = [], [], 0
+    for job in jobs:
+        done = finished[job["id"]]
+        req = done["request"]
+        entry = {"prompt": req["prompt"], "width": req["width"], "height": req["height"], "seed": req["seed"],
+                 "status": done["status"], "latency_ms": done["timings"].get("total_ms")}
+        for out in done["outputs"]:
+            name = f"{job['id']}-{out['index']}.{out['key'].rsplit('.', 1)[1]}"
+            (OUT / name).write_bytes(client.download(out))
+            entry["file"] = name
+            images += 1
+        if done["status"] == "succeeded":
+            latencies.append(done["timings"]["total_ms"])
+        entries.append(entry)
+    (OUT / "index.html").write_text(_gallery(entries), encoding="utf-8")
+
+    ok = sum(1 for e in entries if e["status"] == "succeeded")
+    q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
+    print("\nsummary")
+    print(f"  jobs        {len(jobs)} submitted, {ok} succeeded, {len(jobs) - ok} not")
+    print(f"  images      {images} in {wall:.1f} s = {images / wall:.2f} images/s")
+    if latencies:
+        print(f"  latency     p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms (submit → succeeded)")
+    print(f"  gallery     {OUT / 'index.html'}")
+    return 0 if ok == len(jobs) else 1
+
+
+def main() -> int:
+    """Entry point: Ctrl-C and SIGTERM stop the stack cleanly."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
