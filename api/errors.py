@@ -27,13 +27,23 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.Unavailable: 503,
 }
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
-               429: "rate_limited", 503: "unavailable"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
 
 
-def error_response(status: int, code: str, message: str, details: list | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: list | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """An error answer with the body API.md fixes."""
     body = {"error": {"code": code, "message": message, "details": details or []}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -77,8 +87,9 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _database_down(_: Request, exc: Exception) -> JSONResponse:
     log.warning("database unavailable: %s", exc)
-    return error_response(503, "unavailable", "the database is unavailable; nothing was written",
-                          headers={"Retry-After": "2"})
+    return error_response(
+        503, "unavailable", "the database is unavailable; nothing was written", headers={"Retry-After": "2"}
+    )
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -20,13 +20,17 @@ MAX_PAGE = 100
 
 async def _queue_position(conn: AsyncConnection, row: Any) -> int:
     """How many queued jobs of the same queue run before this one (0: it is next)."""
-    ahead = select(func.count()).select_from(jobs).where(
-        jobs.c.status == JobStatus.QUEUED.value,
-        jobs.c.queue == row["queue"],
-        or_(
-            jobs.c.priority > row["priority"],
-            and_(jobs.c.priority == row["priority"], jobs.c.created_at < row["created_at"]),
-        ),
+    ahead = (
+        select(func.count())
+        .select_from(jobs)
+        .where(
+            jobs.c.status == JobStatus.QUEUED.value,
+            jobs.c.queue == row["queue"],
+            or_(
+                jobs.c.priority > row["priority"],
+                and_(jobs.c.priority == row["priority"], jobs.c.created_at < row["created_at"]),
+            ),
+        )
     )
     return int(await conn.scalar(ahead) or 0)
 
@@ -41,8 +45,10 @@ async def get_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str, A
     """One job of the tenant; NotFound for an unknown id or another tenant's."""
     async with res.db.connect() as conn:
         row = (
-            await conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
-        ).mappings().first()
+            (await conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id)))
+            .mappings()
+            .first()
+        )
         if row is None:
             raise errors.NotFound(f"no job {job_id!r}")
         return await render(conn, res, row)
@@ -94,24 +100,28 @@ async def cancel_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str
     """Cancel a queued or running job (a running one stops at its next denoising step); 409 when terminal."""
     async with res.db.connect() as conn:
         row = (
-            await conn.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.tenant_id == tenant_id,
-                    jobs.c.status.in_(sources_of(JobStatus.CANCELED)),
+            (
+                await conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id == job_id,
+                        jobs.c.tenant_id == tenant_id,
+                        jobs.c.status.in_(sources_of(JobStatus.CANCELED)),
+                    )
+                    .values(
+                        status=JobStatus.CANCELED.value,
+                        finished_at=func.clock_timestamp(),
+                        lease_expires_at=None,
+                        progress_step=None,
+                        progress_total=None,
+                        updated_at=func.clock_timestamp(),
+                    )
+                    .returning(jobs)
                 )
-                .values(
-                    status=JobStatus.CANCELED.value,
-                    finished_at=func.clock_timestamp(),
-                    lease_expires_at=None,
-                    progress_step=None,
-                    progress_total=None,
-                    updated_at=func.clock_timestamp(),
-                )
-                .returning(jobs)
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         await conn.commit()
         if row is not None:
             return await render(conn, res, row)

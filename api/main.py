@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             settings=settings,
             db=db,
             redis=aioredis.Redis.from_url(settings.redis_url, **_REDIS_TIMEOUTS),
-            s3=storage.make_s3_client(settings),
+            # readiness must answer fast: one attempt, short timeouts
+            s3=storage.make_s3_client(settings, timeout_s=2.0, attempts=1),
             s3_presign=storage.make_s3_client(settings, public=True),
             keys=KeyCache(db),
         )

@@ -27,8 +27,10 @@ _REDIS_BACKOFF_S = 1.0
 
 async def _existing_for_key(conn: AsyncConnection, tenant_id: str, key: str) -> Any:
     return (
-        await conn.execute(select(jobs).where(jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key == key))
-    ).mappings().first()
+        (await conn.execute(select(jobs).where(jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key == key)))
+        .mappings()
+        .first()
+    )
 
 
 async def submit_job(

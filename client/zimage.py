@@ -65,8 +65,9 @@ class ZImageClient:
         """GET /v1/jobs with filters (status, batch_id, limit, cursor)."""
         return self._json(self._http.get("/v1/jobs", params=params))  # type: ignore[no-any-return]
 
-    def wait(self, job_ids: Iterable[str], *, timeout_s: float = 600.0, poll_s: float = 0.25,
-             on_update: Any = None) -> dict[str, dict[str, Any]]:
+    def wait(
+        self, job_ids: Iterable[str], *, timeout_s: float = 600.0, poll_s: float = 0.25, on_update: Any = None
+    ) -> dict[str, dict[str, Any]]:
         """Poll until every job is terminal (or raise TimeoutError); ``on_update(jobs)`` after each round."""
         pending = list(job_ids)
         done: dict[str, dict[str, Any]] = {}

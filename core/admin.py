@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print("database is at the latest migration", file=sys.stderr)
     elif args.command == "create-key":
         print(create_key(settings, args.tenant))
-    elif args.command == "revoke-key":
-        if not revoke_key(settings, args.key):
-            print("no such active key", file=sys.stderr)
-            return 1
+    elif args.command == "revoke-key" and not revoke_key(settings, args.key):
+        print("no such active key", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,7 +37,9 @@ def create_database_if_missing(database_url: str) -> bool:
     """Create the database named in ``database_url`` when it does not exist; True when it was created."""
     url = make_url(database_url)
     name = url.database
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT", connect_args=_CONNECT_ARGS)
+    admin = create_engine(
+        url.set(database="postgres"), isolation_level="AUTOCOMMIT", connect_args=_CONNECT_ARGS
+    )
     try:
         with admin.connect() as conn:
             exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar()
@@ -52,7 +54,9 @@ def create_database_if_missing(database_url: str) -> bool:
 def drop_database(database_url: str) -> None:
     """Drop the database named in ``database_url`` (tests), closing its other connections first."""
     url = make_url(database_url)
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT", connect_args=_CONNECT_ARGS)
+    admin = create_engine(
+        url.set(database="postgres"), isolation_level="AUTOCOMMIT", connect_args=_CONNECT_ARGS
+    )
     try:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))

@@ -1,15 +1,15 @@
 """The service's error tree. Every domain failure is one of these; the API maps them to HTTP in one place.
 
-    ServiceError
-    ├── BadRequest            body is not valid JSON / NDJSON                     (400 bad_request)
-    ├── Unauthorized          missing, unknown or revoked API key                 (401 unauthorized)
-    ├── NotFound              no such id for this tenant                          (404 not_found)
-    ├── Conflict              cancel of a terminal job; idempotency key in flight (409 conflict)
-    ├── PayloadTooLarge       body over its limit                                 (413 payload_too_large)
-    ├── UnsupportedMediaType  wrong content type                                  (415 unsupported_media_type)
-    ├── ValidationFailed      a field out of range, a reused idempotency key      (422 validation_error)
-    ├── RateLimited           over a tenant's rate or quota                       (429 rate_limited)
-    └── Unavailable           Postgres unreachable                                (503 unavailable)
+ServiceError
+├── BadRequest            body is not valid JSON / NDJSON                     (400 bad_request)
+├── Unauthorized          missing, unknown or revoked API key                 (401 unauthorized)
+├── NotFound              no such id for this tenant                          (404 not_found)
+├── Conflict              cancel of a terminal job; idempotency key in flight (409 conflict)
+├── PayloadTooLarge       body over its limit                                 (413 payload_too_large)
+├── UnsupportedMediaType  wrong content type                                  (415 unsupported_media_type)
+├── ValidationFailed      a field out of range, a reused idempotency key      (422 validation_error)
+├── RateLimited           over a tenant's rate or quota                       (429 rate_limited)
+└── Unavailable           Postgres unreachable                                (503 unavailable)
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ def rfc3339(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def job_object(row: Mapping[str, Any], *, presign: Presigner, queue_position: int | None = None) -> dict[str, Any]:
+def job_object(
+    row: Mapping[str, Any], *, presign: Presigner, queue_position: int | None = None
+) -> dict[str, Any]:
     """The API's view of a job row."""
     status = row["status"]
     progress = None

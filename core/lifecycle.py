@@ -94,16 +94,20 @@ def claim_batch(
     token_budget: int,
 ) -> list[ClaimedJob]:
     """Claim the next batch of compatible queued jobs of ``queue`` (may be empty); commits."""
-    rows = conn.execute(
-        _CLAIM,
-        {
-            "queue": queue,
-            "worker_id": worker_id,
-            "lease_s": lease_s,
-            "max_images": max_images,
-            "token_budget": token_budget,
-        },
-    ).mappings().all()
+    rows = (
+        conn.execute(
+            _CLAIM,
+            {
+                "queue": queue,
+                "worker_id": worker_id,
+                "lease_s": lease_s,
+                "max_images": max_images,
+                "token_budget": token_budget,
+            },
+        )
+        .mappings()
+        .all()
+    )
     conn.commit()
     rows = sorted(rows, key=lambda r: (-r["priority"], r["created_at"], r["id"]))
     return [
@@ -149,9 +153,13 @@ def heartbeat(conn: Connection, jobs: Sequence[ClaimedJob], *, step: int, lease_
 
 def still_running(conn: Connection, jobs: Sequence[ClaimedJob]) -> set[str]:
     """The ids among ``jobs`` that are still running under the attempt this worker claimed."""
-    rows = conn.execute(
-        text(f"SELECT id FROM jobs WHERE {_FENCED} AND status = '{JobStatus.RUNNING}'"), _fence(jobs)
-    ).scalars().all()
+    rows = (
+        conn.execute(
+            text(f"SELECT id FROM jobs WHERE {_FENCED} AND status = '{JobStatus.RUNNING}'"), _fence(jobs)
+        )
+        .scalars()
+        .all()
+    )
     conn.commit()
     return set(rows)
 

@@ -22,8 +22,16 @@ def request_hash(normalized: dict[str, Any]) -> str:
 
 def group_key(req: JobRequest) -> str:
     """Jobs with equal keys can share one pipeline call: same model and mode, size, steps, guidance, adapters."""
-    loras = ",".join(f"{lo.adapter_id}:{lo.scale:g}" for lo in sorted(req.loras, key=lambda lo: lo.adapter_id))
-    parts = [req.kind, req.mode or "-", f"{req.width}x{req.height}", str(req.steps), f"{req.guidance_scale:g}"]
+    loras = ",".join(
+        f"{lo.adapter_id}:{lo.scale:g}" for lo in sorted(req.loras, key=lambda lo: lo.adapter_id)
+    )
+    parts = [
+        req.kind,
+        req.mode or "-",
+        f"{req.width}x{req.height}",
+        str(req.steps),
+        f"{req.guidance_scale:g}",
+    ]
     if req.mode in ("img2img", "inpaint"):
         parts.append(f"s{req.strength:g}")
     parts.append(loras)

@@ -44,7 +44,9 @@ FOR UPDATE SKIP LOCKED
 """
 )
 
-_MARK_DISPATCHED = text("UPDATE jobs SET dispatched_at = clock_timestamp() WHERE id = ANY(CAST(:ids AS text[]))")
+_MARK_DISPATCHED = text(
+    "UPDATE jobs SET dispatched_at = clock_timestamp() WHERE id = ANY(CAST(:ids AS text[]))"
+)
 
 
 @dataclass(frozen=True)

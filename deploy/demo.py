@@ -11,7 +11,6 @@ import socket
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from client import ZImageClient
@@ -69,11 +68,13 @@ def _progress_line(jobs: dict[str, dict[str, Any]], total: int) -> str:
 def _gallery(entries: list[dict[str, Any]]) -> str:
     cards = []
     for e in entries:
-        img = f'<img src="{html.escape(e["file"])}" loading="lazy">' if e.get("file") else "<div>no image</div>"
+        img = (
+            f'<img src="{html.escape(e["file"])}" loading="lazy">' if e.get("file") else "<div>no image</div>"
+        )
         cards.append(
-            f'<figure>{img}<figcaption><b>{html.escape(e["prompt"])}</b><br>'
-            f'{e["width"]}×{e["height"]} · seed {e["seed"]} · {html.escape(e["status"])} · '
-            f'{e["latency_ms"]} ms</figcaption></figure>'
+            f"<figure>{img}<figcaption><b>{html.escape(e['prompt'])}</b><br>"
+            f"{e['width']}×{e['height']} · seed {e['seed']} · {html.escape(e['status'])} · "
+            f"{e['latency_ms']} ms</figcaption></figure>"
         )
     return (
         "<!doctype html><meta charset=utf-8><title>Z-Image demo</title>"
@@ -128,8 +129,14 @@ def _submit_and_collect(client: ZImageClient) -> int:
     for job in jobs:
         done = finished[job["id"]]
         req = done["request"]
-        entry = {"prompt": req["prompt"], "width": req["width"], "height": req["height"], "seed": req["seed"],
-                 "status": done["status"], "latency_ms": done["timings"].get("total_ms")}
+        entry = {
+            "prompt": req["prompt"],
+            "width": req["width"],
+            "height": req["height"],
+            "seed": req["seed"],
+            "status": done["status"],
+            "latency_ms": done["timings"].get("total_ms"),
+        }
         for out in done["outputs"]:
             name = f"{job['id']}-{out['index']}.{out['key'].rsplit('.', 1)[1]}"
             (OUT / name).write_bytes(client.download(out))
@@ -146,7 +153,9 @@ def _submit_and_collect(client: ZImageClient) -> int:
     print(f"  jobs        {len(jobs)} submitted, {ok} succeeded, {len(jobs) - ok} not")
     print(f"  images      {images} in {wall:.1f} s = {images / wall:.2f} images/s")
     if latencies:
-        print(f"  latency     p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms (submit → succeeded)")
+        print(
+            f"  latency     p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms (submit → succeeded)"
+        )
     print(f"  gallery     {OUT / 'index.html'}")
     return 0 if ok == len(jobs) else 1
 

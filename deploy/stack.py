@@ -8,6 +8,7 @@ and the end-to-end tests. Postgres and Redis are the machine's own (already runn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -60,7 +61,12 @@ class Stack:
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                argv, cwd=ROOT, env=self._env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv,
+                cwd=ROOT,
+                env=self._env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stopping it stops its children too
             )
         self.procs[name] = proc
@@ -76,17 +82,46 @@ class Stack:
         if self.s3_port is None:
             return
         s = self.settings
-        self._spawn("s3", [sys.executable, "-m", "deploy.seaweed", "--dir", str(self.run_dir / "s3"),
-                           "--port", str(self.s3_port), "--access-key", s.s3_access_key_id,
-                           "--secret-key", s.s3_secret_access_key, "--bucket", s.s3_bucket])
+        self._spawn(
+            "s3",
+            [
+                sys.executable,
+                "-m",
+                "deploy.seaweed",
+                "--dir",
+                str(self.run_dir / "s3"),
+                "--port",
+                str(self.s3_port),
+                "--access-key",
+                s.s3_access_key_id,
+                "--secret-key",
+                s.s3_secret_access_key,
+                "--bucket",
+                s.s3_bucket,
+            ],
+        )
         client = storage.make_s3_client(s)
         self._wait("s3", lambda: storage.ping(client, s.s3_bucket), timeout_s)
 
     def start_api(self, timeout_s: float = 30.0) -> None:
         """Start the API (uvicorn) and wait for /readyz."""
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
-                            "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning",
-                            "--no-access-log"])
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+        )
 
         def ready() -> bool:
             try:
@@ -99,16 +134,39 @@ class Stack:
     def start_worker(self, timeout_s: float = 180.0) -> None:
         """Start one Celery worker and wait until it has loaded its pipelines and registered as ready."""
         name = f"zimage-{secrets.token_hex(3)}@%h"
-        proc = self._spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-                                      "--pool", "solo", "--concurrency", "1", "--queues", self.worker_queues,
-                                      "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-                                      "--without-heartbeat", "-n", name])
+        proc = self._spawn(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool",
+                "solo",
+                "--concurrency",
+                "1",
+                "--queues",
+                self.worker_queues,
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                name,
+            ],
+        )
         db = make_engine(self.settings, pool_size=1)
 
         def ready() -> bool:
             with db.connect() as conn:
-                return bool(conn.execute(text("SELECT 1 FROM workers WHERE pid = :pid AND ready"),
-                                         {"pid": proc.pid}).scalar())
+                return bool(
+                    conn.execute(
+                        text("SELECT 1 FROM workers WHERE pid = :pid AND ready"), {"pid": proc.pid}
+                    ).scalar()
+                )
 
         try:
             self._wait("worker", ready, timeout_s)
@@ -167,10 +225,8 @@ def stop_group(pgid: int, grace_s: float, proc: subprocess.Popen[bytes] | None =
         if proc is None and not _alive(pgid):
             break
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     if proc is not None:
         proc.wait(5)
 
@@ -228,8 +284,11 @@ def _down(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m deploy.stack up|down``."""
-    parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("--run-dir", default=str(ROOT / ".run"))
     parser.add_argument("--api-port", type=int, default=8000)

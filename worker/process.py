@@ -44,7 +44,9 @@ _loads = 0  # pipeline loads in this process: must stay 1 however many jobs run
 def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: bool = True) -> WorkerContext:
     """Load the pipelines, warm them up, open connections, register the worker as ready."""
     global _context, _loads
-    engine = InferenceEngine.from_pretrained(settings.turbo_model, device=settings.device, dtype=settings.dtype)
+    engine = InferenceEngine.from_pretrained(
+        settings.turbo_model, device=settings.device, dtype=settings.dtype
+    )
     _loads += 1
     if settings.warmup:
         engine.warmup()
@@ -67,8 +69,13 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
                 "INSERT INTO workers (id, hostname, pid, queues, pipeline_loads, ready)"
                 " VALUES (:id, :host, :pid, :queues, :loads, true)"
             ),
-            {"id": worker_id, "host": socket.gethostname(), "pid": os.getpid(), "queues": ",".join(queues),
-             "loads": _loads},
+            {
+                "id": worker_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": ",".join(queues),
+                "loads": _loads,
+            },
         )
     if run_sweeper:
         ctx.sweeper = SweeperThread(db, redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings)
@@ -109,6 +116,8 @@ def close_context() -> None:
         ctx.sweeper.stop()
     ctx.uploads.shutdown(wait=True)
     with ctx.db.begin() as conn:
-        conn.execute(text("UPDATE workers SET ready = false, last_seen_at = now() WHERE id = :id"),
-                     {"id": ctx.worker_id})
+        conn.execute(
+            text("UPDATE workers SET ready = false, last_seen_at = now() WHERE id = :id"),
+            {"id": ctx.worker_id},
+        )
     ctx.db.dispose()

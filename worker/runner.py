@@ -66,7 +66,9 @@ class ProgressReporter:
         self._last = now
         try:
             with self._ctx.db.connect() as conn:
-                self.live = lifecycle.heartbeat(conn, self._jobs, step=step, lease_s=self._ctx.settings.lease_s)
+                self.live = lifecycle.heartbeat(
+                    conn, self._jobs, step=step, lease_s=self._ctx.settings.lease_s
+                )
         except Exception as exc:  # progress is best effort; the final write is what counts
             log.warning("progress write failed: %s", exc)
             return False

@@ -28,23 +28,20 @@ def run_batch(self: Any, job_id: str) -> dict[str, int]:
     return report.__dict__
 
 
-def _queues_of(sender: Any) -> tuple[str, ...]:
+def _queues() -> tuple[str, ...]:
     """The queues this worker consumes (``--queues``), read from the running app."""
     names = list(app.amqp.queues.consume_from or app.amqp.queues)
     return tuple(sorted(str(n) for n in names)) or ("generate",)
 
 
-@signals.worker_init.connect
-def _load_in_solo_pool(sender: Any = None, **_: Any) -> None:
-    """Solo pool: the worker process itself runs tasks, so load the pipelines before consuming."""
-    if "solo" in str(getattr(sender, "pool_cls", "")).lower():
-        process.build_context(get_settings(), _queues_of(sender))
-
-
 @signals.worker_process_init.connect
-def _load_in_pool_child(**_: Any) -> None:
-    """Prefork pool: each child loads its own pipelines (CUDA state cannot cross a fork)."""
-    process.build_context(get_settings(), _queues_of(None))
+def _load_pipelines(**_: Any) -> None:
+    """Load the pipelines once per process that runs tasks, before it consumes a message.
+
+    The solo pool sends this signal from the worker process itself; prefork sends it in each child (CUDA state
+    cannot cross a fork, so a parent must never load).
+    """
+    process.build_context(get_settings(), _queues())
 
 
 @signals.worker_shutdown.connect

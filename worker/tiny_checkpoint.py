@@ -17,7 +17,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+# Defining modules, not `from diffusers import ...`: type checkers resolve the top-level names to dummies.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
+from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
@@ -189,11 +194,12 @@ def build_pipeline(seed: int = 0) -> ZImagePipeline:
         text_encoder = build_text_encoder(len(tokenizer), tokenizer.pad_token_id)
         transformer = build_transformer()
         vae = build_vae()
+    # The ignores: diffusers annotates these two with a dummy scheduler class and AutoTokenizer.
     return ZImagePipeline(
-        scheduler=build_scheduler(),
+        scheduler=build_scheduler(),  # type: ignore[arg-type]
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer,  # type: ignore[arg-type]
         transformer=transformer,
     )
 

@@ -6,11 +6,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import ZImagePipeline
+from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
 from worker.engine import BatchInterrupted, Engine, ImageRequest, resolve_device, resolve_dtype
@@ -49,11 +50,11 @@ def passes(engine: Engine) -> Iterator[list[int]]:
     handle.remove()
 
 
-def request(prompt: str = EN_SHORT, seeds: tuple[int, ...] = (0,), **overrides: object) -> ImageRequest:
+def request(prompt: str = EN_SHORT, seeds: tuple[int, ...] = (0,), **overrides: Any) -> ImageRequest:
     """A small request with test defaults."""
-    fields: dict[str, object] = {"width": SIZE, "height": SIZE, "steps": 2, "guidance_scale": 0.0}
+    fields: dict[str, Any] = {"width": SIZE, "height": SIZE, "steps": 2, "guidance_scale": 0.0}
     fields.update(overrides)
-    return ImageRequest(prompt=prompt, seeds=seeds, **fields)  # type: ignore[arg-type]
+    return ImageRequest(prompt=prompt, seeds=seeds, **fields)
 
 
 def single(pipe: ZImagePipeline, req: ImageRequest, seed: int) -> Image.Image:
@@ -111,9 +112,12 @@ def test_eight_steps_run_eight_transformer_passes(engine: Engine, passes: list[i
 
 def test_on_step_reports_every_step(engine: Engine) -> None:
     calls: list[tuple[int, int]] = []
-    images = engine.generate(
-        [request(steps=4)], on_step=lambda done, total: calls.append((done, total)) or False
-    )
+
+    def record(done: int, total: int) -> bool:
+        calls.append((done, total))
+        return False
+
+    images = engine.generate([request(steps=4)], on_step=record)
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert len(images[0]) == 1
 
@@ -141,9 +145,7 @@ def test_on_step_true_interrupts_the_batch(engine: Engine, passes: list[int]) ->
     [{"width": 2 * SIZE}, {"height": 2 * SIZE}, {"steps": 3}, {"guidance_scale": 1.5}],
     ids=["width", "height", "steps", "guidance"],
 )
-def test_incompatible_requests_are_refused(
-    engine: Engine, passes: list[int], other: dict[str, object]
-) -> None:
+def test_incompatible_requests_are_refused(engine: Engine, passes: list[int], other: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="share"):
         engine.generate([request(), request(ZH, **other)])
     assert passes[0] == 0
@@ -152,7 +154,7 @@ def test_incompatible_requests_are_refused(
 @pytest.mark.parametrize(
     "bad", [{"width": 250}, {"height": 0}, {"steps": 0}, {"seeds": ()}, {"guidance_scale": -1.0}]
 )
-def test_invalid_requests_are_refused(engine: Engine, bad: dict[str, object]) -> None:
+def test_invalid_requests_are_refused(engine: Engine, bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         engine.generate([request(**bad)])
 
