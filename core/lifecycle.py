@@ -38,12 +38,12 @@ def _in(status: JobStatus) -> str:
 
 
 # The head of the queue decides the group; then as many queued jobs of that group as fit the image and
-# token budgets, highest priority first, then oldest. Rows locked by another claimer are skipped, never waited
-# for. (Window functions cannot take FOR UPDATE, hence the locked candidate set first.)
+# token budgets, highest priority first, then oldest (a retried job alone). Rows locked by another claimer
+# are skipped, never waited for. (Window functions cannot take FOR UPDATE, hence the locked candidates first.)
 _CLAIM = text(
     f"""
 WITH head AS (
-    SELECT group_key FROM jobs
+    SELECT id, group_key, attempt FROM jobs
     WHERE status = 'queued' AND queue = :queue
     ORDER BY priority DESC, created_at
     LIMIT 1
@@ -53,6 +53,8 @@ WITH head AS (
            (j.request->>'num_images')::int AS images
     FROM jobs j JOIN head ON j.group_key = head.group_key
     WHERE j.status = 'queued' AND j.queue = :queue
+      -- A job that already lost a worker runs alone: a poison job must not burn its batch-mates' attempts.
+      AND (j.id = head.id OR (head.attempt = 0 AND j.attempt = 0))
     ORDER BY j.priority DESC, j.created_at
     LIMIT :max_images
     FOR UPDATE OF j SKIP LOCKED
@@ -151,6 +153,22 @@ def heartbeat(conn: Connection, jobs: Sequence[ClaimedJob], *, step: int, lease_
     return set(rows)
 
 
+_RENEW = text(
+    f"""
+UPDATE jobs SET lease_expires_at = clock_timestamp() + make_interval(secs => :lease_s)
+WHERE {_FENCED} AND status = '{JobStatus.RUNNING}'
+RETURNING id
+"""
+)
+
+
+def renew_leases(conn: Connection, jobs: Sequence[ClaimedJob], *, lease_s: float) -> set[str]:
+    """Extend the leases of the jobs this worker still holds (no progress change); returns their ids."""
+    rows = conn.execute(_RENEW, {**_fence(jobs), "lease_s": lease_s}).scalars().all()
+    conn.commit()
+    return set(rows)
+
+
 def still_running(conn: Connection, jobs: Sequence[ClaimedJob]) -> set[str]:
     """The ids among ``jobs`` that are still running under the attempt this worker claimed."""
     rows = (
@@ -206,8 +224,21 @@ def record_success(
     ).scalar()
     conn.commit()
     if done is None:
+        # A retry after a commit whose answer was lost finds its own success: that is not a stale write.
+        if _ended_as(conn, job, JobStatus.SUCCEEDED):
+            return True
         log.info("stale success write ignored: job %s attempt %s", job.id, job.attempt)
     return done is not None
+
+
+def _ended_as(conn: Connection, job: ClaimedJob, status: JobStatus) -> bool:
+    """Whether the job already ended in ``status`` under this very attempt."""
+    found = conn.execute(
+        text("SELECT 1 FROM jobs WHERE id = :id AND attempt = :attempt AND status = :status"),
+        {"id": job.id, "attempt": job.attempt, "status": status.value},
+    ).scalar()
+    conn.commit()
+    return found is not None
 
 
 _FAIL = text(
@@ -236,7 +267,7 @@ def record_failure(conn: Connection, job: ClaimedJob, *, code: ErrorCode, messag
         _FAIL, {"id": job.id, "attempt": job.attempt, "code": code.value, "message": message[:2000]}
     ).scalar()
     conn.commit()
-    return done is not None
+    return done is not None or _ended_as(conn, job, JobStatus.FAILED)
 
 
 _RELEASE = text(

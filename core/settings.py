@@ -58,6 +58,25 @@ class Settings(BaseSettings):
     # A committed row the API failed to publish is re-published once it is this old.
     redispatch_after_s: float = Field(2.0, ge=0)
     progress_interval_s: float = Field(0.5, ge=0)
+    # A batch may run base + per_image_step * images * steps seconds; past that its jobs fail with `timeout`.
+    batch_timeout_base_s: float = Field(120.0, gt=0)
+    batch_timeout_per_image_step_s: float = Field(5.0, ge=0)
+    # SIGTERM lets the current batch finish for this long; then its jobs go back to the queue.
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # How long transient S3 / Postgres failures are retried (exponential backoff, jitter) before giving up.
+    storage_retry_s: float = Field(60.0, ge=0)
+    db_retry_s: float = Field(30.0, ge=0)
+    # Redis redelivers an unacked message after this long; None: 4 leases, at least an hour.
+    broker_visibility_timeout_s: int | None = Field(None, ge=1)
+    # Queued jobs published this long ago are published again when the broker holds fewer messages than
+    # there are such jobs (Redis restarted empty, or a message was lost).
+    stale_dispatch_s: float = Field(30.0, gt=0)
+
+    # --- fault injection (tests and drills only; refused in production) ---
+    # A worker whose batch holds a job whose prompt contains this marker dies at once (os._exit): a poison job.
+    fault_crash_marker: str | None = None
+    # Extra seconds per denoising step, to make batches long enough to interrupt.
+    fault_step_delay_s: float = Field(0.0, ge=0)
 
     # --- API ---
     api_base_url: str = "http://127.0.0.1:8000"
@@ -74,7 +93,18 @@ class Settings(BaseSettings):
     def _no_placeholder_secrets_in_production(self) -> Settings:
         if self.environment == "production" and self.s3_secret_access_key in _PLACEHOLDER_SECRETS:
             raise ValueError("ZIMAGE_S3_SECRET_ACCESS_KEY must be set to a real secret in production")
+        if self.environment == "production" and (self.fault_crash_marker or self.fault_step_delay_s):
+            raise ValueError("fault injection settings (ZIMAGE_FAULT_*) are refused in production")
         return self
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Seconds before Redis redelivers an unacked message."""
+        return self.broker_visibility_timeout_s or max(3600, self.lease_s * 4)
+
+    def batch_timeout_s(self, images: int, steps: int) -> float:
+        """The time limit of one batch, scaled by its work."""
+        return self.batch_timeout_base_s + self.batch_timeout_per_image_step_s * images * steps
 
     def as_env(self) -> dict[str, str]:
         """These settings as ``ZIMAGE_*`` environment variables (to start another process with them)."""

@@ -44,8 +44,26 @@ FOR UPDATE SKIP LOCKED
 """
 )
 
-_MARK_DISPATCHED = text(
-    "UPDATE jobs SET dispatched_at = clock_timestamp() WHERE id = ANY(CAST(:ids AS text[]))"
+_MARK_DISPATCHED = text("UPDATE jobs SET dispatched_at = clock_timestamp() WHERE id = ANY(CAST(:ids AS text[]))")
+
+
+_STALE_COUNTS = text(
+    f"""
+SELECT queue, count(*) AS n FROM jobs
+WHERE status = '{JobStatus.QUEUED}' AND dispatched_at < clock_timestamp() - make_interval(secs => :age_s)
+GROUP BY queue
+"""
+)
+
+_STALE = text(
+    f"""
+SELECT id, queue FROM jobs
+WHERE status = '{JobStatus.QUEUED}' AND queue = :queue
+  AND dispatched_at < clock_timestamp() - make_interval(secs => :age_s)
+ORDER BY priority DESC, created_at
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+"""
 )
 
 
@@ -76,6 +94,7 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
             conn.rollback()
             return SweepResult(acted=True, requeued=requeued, failed=failed)
         rows = conn.execute(_UNDISPATCHED, {"age_s": settings.redispatch_after_s, "limit": limit}).all()
+        rows += _lost_messages(conn, redis_client, settings, limit)
         if not rows:
             conn.rollback()
             return SweepResult(acted=True, requeued=requeued, failed=failed)
@@ -86,8 +105,25 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
             raise
         conn.execute(_MARK_DISPATCHED, {"ids": [r.id for r in rows]})
         conn.commit()
-        log.info("sweeper: published %d undispatched jobs", len(rows))
+        log.info("sweeper: published %d jobs", len(rows))
         return SweepResult(acted=True, requeued=requeued, failed=failed, published=len(rows))
+
+
+def _lost_messages(conn, redis_client, settings: Settings, limit: int) -> list:  # type: ignore[no-untyped-def]
+    """Queued jobs whose messages Redis lost (restarted empty, evicted): long-published jobs outnumber the
+    messages waiting in their queue. Every queued job normally has its own message, so a shortfall means loss;
+    publishing again costs at most one no-op wake-up per job."""
+    rows = []
+    for stale in conn.execute(_STALE_COUNTS, {"age_s": settings.stale_dispatch_s}).all():
+        depth = queue.queue_depth(redis_client, settings.redis_prefix, stale.queue)
+        if depth < stale.n:
+            log.warning(
+                "sweeper: %s holds %d messages for %d waiting jobs; publishing again", stale.queue, depth, stale.n
+            )
+            rows += conn.execute(
+                _STALE, {"queue": stale.queue, "age_s": settings.stale_dispatch_s, "limit": limit}
+            ).all()
+    return rows
 
 
 class SweeperThread(threading.Thread):

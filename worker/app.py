@@ -16,9 +16,9 @@ from core.settings import Settings, get_settings
 def create_celery(settings: Settings) -> Celery:
     """A Celery app wired to the broker and key prefix of ``settings`` (it connects only when used)."""
     app = Celery("zimage", broker=settings.redis_url, include=["worker.tasks"])
-    # Longest batch we let run: a lease's worth. Delivery must outlast it, or Redis hands the message to a
-    # second worker while the first still runs (a duplicate, harmless but wasteful).
-    visibility_timeout = max(3600, settings.lease_s * 4)
+    # Redis hands an unacked message to another worker after this long: it must outlast the longest task, or
+    # a slow batch is delivered twice (harmless, the claim fences it, but wasteful).
+    visibility_timeout = settings.visibility_timeout_s
     app.conf.update(
         broker_transport_options={
             "global_keyprefix": settings.redis_prefix,  # runs sharing one Redis never see each other's queues
@@ -32,7 +32,10 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,  # take one message at a time; batches are formed in Postgres
         worker_cancel_long_running_tasks_on_connection_loss=True,  # the message is redelivered anyway
         task_ignore_result=True,  # status lives in Postgres; no result backend
-        task_time_limit=visibility_timeout - 60,  # a hung batch dies before its message is redelivered
+        # A hung task is killed before Redis would redeliver its message; the batch's own time limit (scaled by
+        # its work, see runner) normally stops it much earlier and fails its jobs with `timeout`.
+        task_time_limit=max(60, visibility_timeout - 60),
+        task_soft_time_limit=max(30, visibility_timeout - 120),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,20 @@ class WorkerContext:
 
 _context: WorkerContext | None = None
 _loads = 0  # pipeline loads in this process: must stay 1 however many jobs run
+_shutdown_deadline: float | None = None  # monotonic time after which a running batch gives its jobs back
+
+
+def request_shutdown(grace_s: float) -> None:
+    """SIGTERM arrived: let the current batch finish within ``grace_s``, then stop it."""
+    global _shutdown_deadline
+    if _shutdown_deadline is None:
+        _shutdown_deadline = time.monotonic() + grace_s
+        log.warning("shutdown requested: the current batch has %.0f s to finish", grace_s)
+
+
+def shutdown_overdue() -> bool:
+    """Whether a requested shutdown's grace period is over."""
+    return _shutdown_deadline is not None and time.monotonic() > _shutdown_deadline
 
 
 def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: bool = True) -> WorkerContext:

@@ -44,6 +44,12 @@ def _load_pipelines(**_: Any) -> None:
     process.build_context(get_settings(), _queues())
 
 
+@signals.worker_shutting_down.connect
+def _start_grace(**_: Any) -> None:
+    """SIGTERM: finish the current batch within the grace period, or give its jobs back to the queue."""
+    process.request_shutdown(get_settings().shutdown_grace_s)
+
+
 @signals.worker_shutdown.connect
 def _close(**_: Any) -> None:
     """Release connections and threads when the worker stops."""

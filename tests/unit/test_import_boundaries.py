@@ -1,0 +1,54 @@
+"""Layering: the API process never loads the inference stack or Celery; the shared core loads no framework."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import core
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import importlib, json, sys
+forbidden = {forbidden!r}
+found = {{}}
+for name in {modules!r}:
+    before = {{m for m in forbidden if m in sys.modules}}
+    importlib.import_module(name)
+    new = sorted(m for m in forbidden if m in sys.modules and m not in before)
+    if new:
+        found[name] = new
+print(json.dumps(found))
+"""
+
+
+def _loaded_by(modules: list[str], forbidden: list[str]) -> dict[str, list[str]]:
+    """Import ``modules`` one after another in a fresh interpreter; which forbidden packages each pulled in."""
+    code = _PROBE.format(forbidden=forbidden, modules=modules)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _core_modules() -> list[str]:
+    return sorted(f"core.{m.name}" for m in pkgutil.iter_modules(core.__path__))
+
+
+def test_the_probe_notices_a_forbidden_import() -> None:
+    assert _loaded_by(["colorsys"], ["colorsys"]) == {"colorsys": ["colorsys"]}
+
+
+def test_api_main_does_not_import_torch_diffusers_or_celery() -> None:
+    assert _loaded_by(["api.main"], ["torch", "diffusers", "celery", "transformers", "kombu"]) == {}
+
+
+def test_core_modules_import_no_framework() -> None:
+    modules = _core_modules()
+    assert {"core.schemas", "core.status", "core.queue", "core.submission", "core.sweeper"} <= set(modules)
+    assert _loaded_by(modules, ["fastapi", "starlette", "celery", "kombu", "torch", "diffusers"]) == {}
