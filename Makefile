@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := checkpoints/tiny/turbo
 
-.PHONY: install checkpoint migrate up down demo test test-fast lint clean
+.PHONY: install checkpoint migrate up down demo test test-faults lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,11 @@ down:  ## stop what `make up` started
 demo: install checkpoint  ## the main job: stack up, 16+ prompts, progress, images and a gallery, stack down
 	$(PY) -m deploy.demo
 
-test: install  ## every test, against real Postgres, Redis, SeaweedFS and the tiny pipeline
+test: install  ## every test, against real Postgres, Redis, SeaweedFS and the tiny pipeline (faults included)
 	$(PY) -m pytest
+
+test-faults: install  ## the fault-injection suite alone; prints the fault table
+	$(PY) -m pytest tests/faults
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -131,11 +131,11 @@ class Stack:
 
         self._wait("api", ready, timeout_s)
 
-    def start_worker(self, timeout_s: float = 180.0) -> None:
+    def start_worker(self, timeout_s: float = 180.0, *, name: str = "worker") -> subprocess.Popen[bytes]:
         """Start one Celery worker and wait until it has loaded its pipelines and registered as ready."""
-        name = f"zimage-{secrets.token_hex(3)}@%h"
+        node = f"zimage-{secrets.token_hex(3)}@%h"
         proc = self._spawn(
-            "worker",
+            name,
             [
                 sys.executable,
                 "-m",
@@ -155,7 +155,7 @@ class Stack:
                 "--without-mingle",
                 "--without-heartbeat",
                 "-n",
-                name,
+                node,
             ],
         )
         db = make_engine(self.settings, pool_size=1)
@@ -169,9 +169,10 @@ class Stack:
                 )
 
         try:
-            self._wait("worker", ready, timeout_s)
+            self._wait(name, ready, timeout_s)
         finally:
             db.dispose()
+        return proc
 
     def start(self) -> Stack:
         """Migrate, then start S3, the API and the worker; stops what it started if any part fails."""
@@ -201,8 +202,8 @@ class Stack:
         raise StackError(f"{name} not ready after {timeout_s:.0f} s:\n{self.log_tail(name)}")
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """Stop every part (worker first, S3 last): SIGTERM to each group, SIGKILL after the grace."""
-        for name in ("worker", "api", "s3"):
+        """Stop every part (workers first, S3 last): SIGTERM to each group, SIGKILL after the grace."""
+        for name in [n for n in self.procs if n not in ("api", "s3")] + ["api", "s3"]:
             proc = self.procs.pop(name, None)
             if proc is not None:
                 stop_group(proc.pid, grace_s, proc)

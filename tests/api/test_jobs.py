@@ -7,10 +7,10 @@ import base64
 import json
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -35,7 +35,7 @@ RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:0
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     """The answer is ``status`` with exactly the error body of API.md; returns its ``error``."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -46,7 +46,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert error["code"] == code
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["details"], list)
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 def submit(client: TestClient, key: str, headers: dict[str, str] | None = None, **fields: Any) -> dict[str, Any]:
@@ -54,13 +54,13 @@ def submit(client: TestClient, key: str, headers: dict[str, str] | None = None, 
     fields.setdefault("prompt", "a lighthouse at dusk")
     r = client.post("/v1/jobs", json=fields, headers={**auth(key), **(headers or {})})
     assert r.status_code == 202, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
 
 
 def get(client: TestClient, key: str, job_id: str) -> dict[str, Any]:
     r = client.get(f"/v1/jobs/{job_id}", headers=auth(key))
     assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
 
 
 def job_row(db: Engine, job_id: str) -> dict[str, Any] | None:
@@ -69,18 +69,22 @@ def job_row(db: Engine, job_id: str) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
 
 
+def job_status(db: Engine, job_id: str) -> str:
+    row = job_row(db, job_id)
+    assert row is not None
+    return str(row["status"])
+
+
 def tenant_of(db: Engine, key: str) -> str:
     with db.connect() as conn:
-        return conn.execute(  # type: ignore[no-any-return]
+        return conn.execute(
             text("SELECT tenant_id FROM api_keys WHERE key_hash = :h"), {"h": hash_key(key)}
         ).scalar_one()
 
 
 def count_jobs(db: Engine, tenant_id: str) -> int:
     with db.connect() as conn:
-        return conn.execute(  # type: ignore[no-any-return]
-            text("SELECT count(*) FROM jobs WHERE tenant_id = :t"), {"t": tenant_id}
-        ).scalar_one()
+        return conn.execute(text("SELECT count(*) FROM jobs WHERE tenant_id = :t"), {"t": tenant_id}).scalar_one()
 
 
 def set_status(db: Engine, job_id: str, sql_set: str) -> None:
@@ -100,7 +104,7 @@ def page(client: TestClient, key: str, **params: Any) -> dict[str, Any]:
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) >= {"data", "next_cursor"}
-    return body  # type: ignore[no-any-return]
+    return body
 
 
 # --- submit -----------------------------------------------------------------------------------------------
@@ -110,7 +114,7 @@ def test_submit_answers_202_with_location_and_the_job_object(client: TestClient,
     r = client.post("/v1/jobs", json={"prompt": "  a red fox in snow  ", "width": 512}, headers=auth(key))
     assert r.status_code == 202, r.text
     job = r.json()
-    assert JOB_KEYS <= set(job)
+    assert set(job) >= JOB_KEYS
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["id"].startswith("job_")
     assert job["object"] == "job"
@@ -169,7 +173,9 @@ def test_a_submitted_job_is_published_to_its_redis_queue(
     before = redis_client.llen(broker_list)
     job = submit(client, key)
     assert redis_client.llen(broker_list) == before + 1
-    task, args = decode(redis_client.lindex(broker_list, 0))  # LPUSH: the newest message is at the head
+    head = redis_client.lindex(broker_list, 0)
+    assert isinstance(head, bytes)
+    task, args = decode(head)  # LPUSH: the newest message is at the head
     assert task == "zimage.run_batch"
     assert args == [job["id"]]
 
@@ -177,7 +183,7 @@ def test_a_submitted_job_is_published_to_its_redis_queue(
 def test_get_answers_the_job(client: TestClient, key: str) -> None:
     job = submit(client, key, metadata={"n": 1})
     got = get(client, key, job["id"])
-    assert JOB_KEYS <= set(got)
+    assert set(got) >= JOB_KEYS
     for field in ("id", "status", "kind", "request", "priority", "metadata", "created_at", "outputs"):
         assert got[field] == job[field]
 
@@ -189,7 +195,7 @@ def test_an_unknown_job_is_404(client: TestClient, key: str) -> None:
 
 
 def test_another_tenants_job_answers_exactly_like_an_unknown_one(
-    client: TestClient, new_key, db: Engine  # type: ignore[no-untyped-def]
+    client: TestClient, new_key: Callable[..., str], db: Engine
 ) -> None:
     owner, other = new_key(), new_key()
     job_id = submit(client, owner)["id"]
@@ -200,7 +206,7 @@ def test_another_tenants_job_answers_exactly_like_an_unknown_one(
         assert_error(theirs, 404, "not_found")
         assert_error(unknown, 404, "not_found")
         assert theirs.json() == json.loads(unknown.text.replace(unknown_id, job_id))
-    assert job_row(db, job_id)["status"] == "queued"  # type: ignore[index]  # the cancel did nothing
+    assert job_status(db, job_id) == "queued"  # the cancel did nothing
 
 
 # --- auth -------------------------------------------------------------------------------------------------
@@ -230,7 +236,7 @@ def test_an_unknown_key_is_401(client: TestClient, key: str) -> None:
 
 
 def test_a_revoked_key_is_401_and_the_tenants_other_keys_still_work(
-    client: TestClient, new_key, settings: Settings, db: Engine  # type: ignore[no-untyped-def]
+    client: TestClient, new_key: Callable[..., str], settings: Settings, db: Engine
 ) -> None:
     tenant_name = f"revoke-{ids.job_id()}"
     revoked, kept = new_key(tenant_name), new_key(tenant_name)
@@ -242,7 +248,9 @@ def test_a_revoked_key_is_401_and_the_tenants_other_keys_still_work(
     assert page(client, kept)["data"][0]["id"] == job["id"]
 
 
-def test_a_revoked_key_stops_working_when_its_cache_entry_expires(settings: Settings, new_key) -> None:  # type: ignore[no-untyped-def]
+def test_a_revoked_key_stops_working_when_its_cache_entry_expires(
+    settings: Settings, new_key: Callable[..., str]
+) -> None:
     key = new_key()
 
     async def scenario() -> None:
@@ -266,7 +274,8 @@ def test_a_revoked_key_stops_working_when_its_cache_entry_expires(settings: Sett
 
 
 @pytest.mark.parametrize(
-    "body", [b"{not json", b'{"prompt": "x",}', b'{"prompt": "x"', b"\xff\xfe", b""],
+    "body",
+    [b"{not json", b'{"prompt": "x",}', b'{"prompt": "x"', b"\xff\xfe", b""],
     ids=["garbage", "trailing-comma", "truncated", "not-utf8", "empty"],
 )
 def test_a_body_that_is_not_json_is_400(client: TestClient, key: str, body: bytes) -> None:
@@ -326,7 +335,7 @@ def test_a_body_of_exactly_the_limit_is_read(client: TestClient, key: str, setti
     reason="BUG: api/main.py BodyLimit only checks a declared Content-Length; a chunked body of any size is read",
 )
 def test_a_chunked_body_over_the_limit_is_413(client: TestClient, key: str, settings: Settings) -> None:
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks():
         yield b'{"prompt": "x", "metadata": {"pad": "'
         for _ in range(settings.max_body_bytes // 65536 + 2):
             yield b"p" * 65536
@@ -335,6 +344,61 @@ def test_a_chunked_body_over_the_limit_is_413(client: TestClient, key: str, sett
     r = client.post("/v1/jobs", content=chunks(), headers={**auth(key), "Content-Type": "application/json"})
     assert "content-length" not in r.request.headers
     assert_error(r, 413, "payload_too_large")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a NUL character (valid JSON \\u0000) reaches Postgres, which cannot store it in text/JSONB: "
+    "500 internal_error instead of 422 (core/schemas.py accepts it; api/submit.py inserts it)",
+)
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"prompt": "a\\u0000b"}', "prompt"),
+        (b'{"prompt": "x", "negative_prompt": "a\\u0000"}', "negative_prompt"),
+        (b'{"prompt": "x", "metadata": {"a": "\\u0000"}}', "metadata"),
+        (b'{"prompt": "x", "metadata": {"a\\u0000": 1}}', "metadata"),
+    ],
+    ids=["prompt", "negative_prompt", "metadata-value", "metadata-key"],
+)
+def test_a_nul_character_is_a_422_not_a_500(client: TestClient, key: str, db: Engine, body: bytes, field: str) -> None:
+    r = client.post("/v1/jobs", content=body, headers={**auth(key), "Content-Type": "application/json"})
+    error = assert_error(r, 422, "validation_error")
+    assert any(d["field"].startswith(field) for d in error["details"]), error
+    assert count_jobs(db, tenant_of(db, key)) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: metadata nested ~255 levels deep (about 500 bytes, within the 4 KiB rule) passes validation, "
+    "then pydantic's serializer gives up: 500 internal_error (core/schemas.py _metadata_size checks size only)",
+)
+def test_deeply_nested_metadata_is_echoed_or_refused_never_a_500(client: TestClient, key: str) -> None:
+    depth = 300
+    body = b'{"prompt": "x", "metadata": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
+    assert len(body) < 4096
+    r = client.post("/v1/jobs", content=body, headers={**auth(key), "Content-Type": "application/json"})
+    assert r.status_code in (202, 422), r.text
+    if r.status_code == 422:
+        assert [d["field"] for d in assert_error(r, 422, "validation_error")["details"]] == ["metadata"]
+    else:
+        assert r.json()["metadata"] == json.loads(body)["metadata"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: NaN / Infinity (not JSON per RFC 8259) are parsed by json.loads and stored as null: the "
+    "metadata echoed back is not what was sent, instead of a 400 (or 422)",
+)
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_non_finite_numbers_are_refused_not_turned_into_null(
+    client: TestClient, key: str, db: Engine, literal: bytes
+) -> None:
+    body = b'{"prompt": "x", "metadata": {"score": ' + literal + b"}}"
+    r = client.post("/v1/jobs", content=body, headers={**auth(key), "Content-Type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert_error(r, r.status_code, "bad_request" if r.status_code == 400 else "validation_error")
+    assert count_jobs(db, tenant_of(db, key)) == 0
 
 
 # --- idempotency ------------------------------------------------------------------------------------------
@@ -380,7 +444,7 @@ def test_the_same_key_with_another_body_is_422(client: TestClient, key: str, db:
 
 
 @pytest.mark.xfail(strict=True, reason=IDEMPOTENCY_BUG)
-def test_an_idempotency_key_is_scoped_to_its_tenant(client: TestClient, new_key) -> None:  # type: ignore[no-untyped-def]
+def test_an_idempotency_key_is_scoped_to_its_tenant(client: TestClient, new_key: Callable[..., str]) -> None:
     a, b = new_key(), new_key()
     ikey = f"shared-{ids.job_id()}"
     ra = client.post("/v1/jobs", json={"prompt": "a fox"}, headers={**auth(a), **idem(ikey)})
@@ -403,7 +467,7 @@ def test_an_idempotency_key_over_255_characters_is_422(client: TestClient, key: 
     assert count_jobs(db, tenant_of(db, key)) == 0
 
 
-def _wait_for_blocked_insert(db: Engine, first: Future[httpx.Response], timeout_s: float = 5.0) -> None:
+def _wait_for_blocked_insert(db: Engine, first: Future[Any], timeout_s: float = 5.0) -> None:
     """Wait until the first request sits in its INSERT, blocked by the table lock (so it holds its key)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -423,9 +487,7 @@ def _wait_for_blocked_insert(db: Engine, first: Future[httpx.Response], timeout_
 
 
 @pytest.mark.xfail(strict=True, reason=IDEMPOTENCY_BUG)
-def test_the_same_key_while_the_first_request_is_being_written_is_409(
-    client: TestClient, key: str, db: Engine
-) -> None:
+def test_the_same_key_while_the_first_request_is_being_written_is_409(client: TestClient, key: str, db: Engine) -> None:
     ikey = f"slow-{ids.job_id()}"
     headers = {**auth(key), **idem(ikey)}
     pool = ThreadPoolExecutor(max_workers=1)
@@ -461,7 +523,7 @@ def test_listing_is_newest_first_and_the_cursor_walks_every_job_once(client: Tes
         body = page(client, key, **params)
         sizes.append(len(body["data"]))
         seen += [j["id"] for j in body["data"]]
-        assert all(JOB_KEYS <= set(j) for j in body["data"])
+        assert all(set(j) >= JOB_KEYS for j in body["data"])
         cursor = body["next_cursor"]
         if cursor is None:
             break
@@ -491,7 +553,7 @@ def test_listing_filters_by_status(client: TestClient, key: str) -> None:
     assert all(j["status"] == "queued" for j in page(client, key, status="queued")["data"])
 
 
-def test_listing_shows_only_the_tenants_own_jobs(client: TestClient, new_key) -> None:  # type: ignore[no-untyped-def]
+def test_listing_shows_only_the_tenants_own_jobs(client: TestClient, new_key: Callable[..., str]) -> None:
     a, b = new_key(), new_key()
     mine = {submit(client, a)["id"] for _ in range(2)}
     theirs = {submit(client, b)["id"] for _ in range(2)}
@@ -530,13 +592,13 @@ def test_cancel_of_a_queued_job(client: TestClient, key: str, db: Engine) -> Non
     r = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(key))
     assert r.status_code == 200, r.text
     canceled = r.json()
-    assert JOB_KEYS <= set(canceled)
+    assert set(canceled) >= JOB_KEYS
     assert canceled["id"] == job["id"]
     assert canceled["status"] == "canceled"
     assert canceled["queue_position"] is None
     assert RFC3339_UTC.match(canceled["finished_at"])
     assert get(client, key, job["id"])["status"] == "canceled"
-    assert job_row(db, job["id"])["status"] == "canceled"  # type: ignore[index]
+    assert job_status(db, job["id"]) == "canceled"
 
 
 def test_cancel_again_is_409(client: TestClient, key: str) -> None:
@@ -550,7 +612,7 @@ def test_cancel_of_a_finished_job_is_409(client: TestClient, key: str, db: Engin
     job = submit(client, key)
     set_status(db, job["id"], f"status = '{status}', attempt = 1, finished_at = clock_timestamp()")
     assert_error(client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(key)), 409, "conflict")
-    assert job_row(db, job["id"])["status"] == status  # type: ignore[index]
+    assert job_status(db, job["id"]) == status
 
 
 def test_cancel_of_a_running_job(client: TestClient, key: str, db: Engine) -> None:
@@ -577,6 +639,53 @@ def test_cancel_of_a_running_job(client: TestClient, key: str, db: Engine) -> No
     assert row["status"] == "canceled"
     assert row["lease_expires_at"] is None
     assert row["finished_at"] is not None
+
+
+def test_a_failed_job_shows_its_error_and_no_progress(client: TestClient, key: str, db: Engine) -> None:
+    job = submit(client, key)
+    set_status(
+        db,
+        job["id"],
+        "status = 'failed', attempt = 1, error_code = 'out_of_memory', error_message = 'one image does not fit', "
+        "started_at = clock_timestamp(), finished_at = clock_timestamp()",
+    )
+    failed = get(client, key, job["id"])
+    assert failed["status"] == "failed"
+    assert failed["error"] == {"code": "out_of_memory", "message": "one image does not fit"}
+    assert failed["progress"] is None
+    assert failed["queue_position"] is None
+    assert failed["outputs"] == []
+    assert RFC3339_UTC.match(failed["finished_at"])
+
+
+def test_a_succeeded_job_lists_its_outputs_with_presigned_urls(
+    client: TestClient, key: str, db: Engine, settings: Settings
+) -> None:
+    job = submit(client, key, width=512, height=512, seed=42)
+    out = {"index": 0, "key": f"results/t/{job['id']}/0.png", "width": 512, "height": 512, "seed": 42,
+           "format": "png", "bytes": 1234, "sha256": "ab" * 32}  # fmt: skip
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE jobs SET status = 'succeeded', attempt = 1, outputs = CAST(:o AS jsonb), "
+                "timings = CAST(:t AS jsonb), started_at = clock_timestamp(), finished_at = clock_timestamp() "
+                "WHERE id = :id"
+            ),
+            {
+                "o": json.dumps([out]),
+                "t": json.dumps({"queued_ms": 5, "inference_ms": 80, "upload_ms": 3, "total_ms": 90}),
+                "id": job["id"],
+            },
+        )
+    done = get(client, key, job["id"])
+    assert done["status"] == "succeeded"
+    assert done["error"] is None and done["progress"] is None and done["queue_position"] is None
+    assert done["timings"] == {"queued_ms": 5, "inference_ms": 80, "upload_ms": 3, "total_ms": 90}
+    [output] = done["outputs"]
+    assert {k: output[k] for k in out} == out
+    assert output["url"].startswith(str(settings.presign_endpoint))
+    assert out["key"] in output["url"] and "Signature" in output["url"]
+    assert RFC3339_UTC.match(output["url_expires_at"])
 
 
 # --- queue position ---------------------------------------------------------------------------------------

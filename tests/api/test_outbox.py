@@ -53,7 +53,7 @@ def submit(client: TestClient, key: str, **fields: Any) -> dict[str, Any]:
     fields.setdefault("prompt", "a lighthouse at dusk")
     r = client.post("/v1/jobs", json=fields, headers=auth(key))
     assert r.status_code == 202, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
 
 
 def job_row(db: Engine, job_id: str) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def expire_lease(db: Engine, job_id: str, *, attempt: int, max_attempts: int) ->
 
 def tenant_of(db: Engine, key: str) -> str:
     with db.connect() as conn:
-        return conn.execute(  # type: ignore[no-any-return]
+        return conn.execute(
             text("SELECT tenant_id FROM api_keys WHERE key_hash = :h"), {"h": hash_key(key)}
         ).scalar_one()
 
@@ -171,17 +171,20 @@ def test_postgres_down_answers_503_and_publishes_nothing(
 def test_postgres_lost_after_the_key_was_recognised_writes_nothing(
     settings: Settings, key: str, own_prefix: str, redis_client: redis.Redis, db: Engine
 ) -> None:
-    with TestClient(create_app(settings.model_copy(update={"redis_prefix": own_prefix}), run_sweeper=False)) as c:
+    app = create_app(settings.model_copy(update={"redis_prefix": own_prefix}), run_sweeper=False)
+    with TestClient(app) as c:
         assert c.get("/v1/jobs", headers=auth(key)).status_code == 200  # the key is now cached
-        resources = c.app.state.resources  # type: ignore[attr-defined]
-        real_db, resources.db = resources.db, make_async_engine(
-            settings.model_copy(update={"database_url": CLOSED_POSTGRES})
+        resources = app.state.resources
+        real_db, resources.db = (
+            resources.db,
+            make_async_engine(settings.model_copy(update={"database_url": CLOSED_POSTGRES})),
         )
         try:
             assert_unavailable(c.post("/v1/jobs", json={"prompt": "a fox"}, headers=auth(key)))
         finally:
             dead_db, resources.db = resources.db, real_db
-            c.portal.call(dead_db.dispose)  # type: ignore[union-attr]
+            assert c.portal is not None
+            c.portal.call(dead_db.dispose)
     assert list(redis_client.scan_iter(f"{own_prefix}*")) == []
     with db.connect() as conn:
         count = conn.execute(text("SELECT count(*) FROM jobs WHERE tenant_id = :t"), {"t": tenant_of(db, key)})

@@ -24,10 +24,15 @@ def _as_int(id_: str) -> int:
 
 @pytest.mark.parametrize(
     ("make", "prefix"),
-    [(ids.job_id, "job_"), (ids.batch_id, "bat_"), (ids.upload_id, "upl_"), (ids.tenant_id, "ten_"),
-     (ids.key_id, "key_")],
+    [
+        (ids.job_id, "job_"),
+        (ids.batch_id, "bat_"),
+        (ids.upload_id, "upl_"),
+        (ids.tenant_id, "ten_"),
+        (ids.key_id, "key_"),
+    ],
 )
-def test_ids_carry_their_type_prefix(make, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_ids_carry_their_type_prefix(make, prefix: str) -> None:
     value = make()
     assert value.startswith(prefix)
     assert _SHAPE.match(value), value

@@ -33,7 +33,7 @@ def _loaded_by(modules: list[str], forbidden: list[str]) -> dict[str, list[str]]
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _core_modules() -> list[str]:

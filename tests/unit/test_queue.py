@@ -29,7 +29,7 @@ def prefix(redis_prefix: str, redis_client: redis.Redis) -> Iterator[str]:
         redis_client.delete(*keys)
 
 
-def _worker_celery(prefix: str):  # type: ignore[no-untyped-def]
+def _worker_celery(prefix: str):
     """The workers' Celery app (their exact broker settings) for ``prefix``, with a stand-in run_batch task."""
     app = create_celery(Settings(redis_url=REDIS_URL, redis_prefix=prefix))
     ran: list[str] = []

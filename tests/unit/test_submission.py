@@ -89,8 +89,13 @@ def test_adapters_split_the_group_but_their_order_does_not() -> None:
 
 @pytest.mark.parametrize(
     ("width", "height", "n", "tokens"),
-    [(1024, 1024, 1, 4096), (1024, 1024, 2, 8192), (512, 768, 3, 32 * 48 * 3), (256, 256, 1, 256),
-     (2048, 2048, 8, 128 * 128 * 8)],
+    [
+        (1024, 1024, 1, 4096),
+        (1024, 1024, 2, 8192),
+        (512, 768, 3, 32 * 48 * 3),
+        (256, 256, 1, 256),
+        (2048, 2048, 8, 128 * 128 * 8),
+    ],
 )
 def test_cost_is_image_tokens_times_images(width: int, height: int, n: int, tokens: int) -> None:
     assert cost_tokens(req(width=width, height=height, num_images=n)) == tokens
@@ -130,7 +135,7 @@ def test_build_job_row_picks_a_seed_when_missing() -> None:
     assert all(isinstance(s, int) for s in seeds)
     assert len(seeds) > 45  # chosen at random
     # every image's seed (seed + i) stays within the allowed range
-    assert all(0 <= s and s + 7 <= MAX_SEED for s in seeds)
+    assert all(s >= 0 and s + 7 <= MAX_SEED for s in seeds)
 
 
 def test_build_job_row_keeps_a_given_seed() -> None:

@@ -1,7 +1,15 @@
-"""Run one batch of compatible image requests through a loaded pipeline in a single call."""
+"""Run one batch of compatible image requests: prepare (embeddings, noise) apart from run (the accelerator).
+
+``prepare`` encodes prompts (cached, padded to the longest) and draws each image's noise from its own seeded CPU
+generator; ``run`` denoises in as few pipeline calls as caption buckets allow, decodes in small chunks and splits
+a call in halves when it runs out of memory. The worker calls ``prepare`` for the next batch in a thread while
+``run`` has the accelerator.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,11 +20,16 @@ import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
-from worker.engine.pipelines import load_turbo, resolve_device, resolve_dtype
-
-StepCallback = Callable[[int, int], bool]
+from worker.engine.batching import DEFAULT_MIN_CALL_TOKENS, caption_bucket, distinct, halves, image_tokens, plan_calls
+from worker.engine.decode import DEFAULT_DECODE_PIXELS, decode_latents
+from worker.engine.embeddings import DEFAULT_CACHE_BYTES, EmbeddingCache, PromptEncoder
+from worker.engine.oom import OutOfMemory, check_injected, free_memory, short_message
+from worker.engine.pipelines import load_turbo, resolve_options
+from worker.engine.progress import BatchProgress, StepCallback
 
 WARMUP_SIZE = 256  # the smallest size the service allows
+
+RequestResult = list[Image.Image] | OutOfMemory
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,7 @@ class BatchInterrupted(Exception):
 
 
 @dataclass(frozen=True)
-class _BatchShape:
+class BatchShape:
     """What every request in one pipeline call must share."""
 
     width: int
@@ -51,64 +64,283 @@ class _BatchShape:
     guidance_scale: float
 
 
-class Engine:
-    """Runs compatible image requests through one loaded pipeline in a single call."""
+@dataclass(frozen=True)
+class PreparedImage:
+    """One output image, ready for the accelerator."""
 
-    def __init__(self, pipe: ZImagePipeline, *, model_id: str) -> None:
+    request: int  # index of its request in the batch
+    seed: int
+    embedding: torch.Tensor  # caption tokens x hidden, on the execution device
+    negative: torch.Tensor | None  # the negative prompt's embedding when guidance > 0
+    latents: torch.Tensor  # (1, C, h, w) float32 noise on the CPU, from this image's own seeded generator
+    bucket: int  # caption length as the transformer pads it (a multiple of 32)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A validated batch with its prompt embeddings and noise: what ``Engine.run`` takes."""
+
+    requests: tuple[ImageRequest, ...]
+    shape: BatchShape | None  # None for an empty batch
+    images: tuple[PreparedImage, ...]
+    prepare_seconds: float = 0.0
+
+
+class Engine:
+    """Runs compatible image requests through one loaded pipeline, as few calls as possible."""
+
+    def __init__(
+        self,
+        pipe: ZImagePipeline,
+        *,
+        model_id: str,
+        embedding_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        embedding_cache: EmbeddingCache | None = None,
+        pad_to_longest: bool = True,
+        min_call_tokens: int = DEFAULT_MIN_CALL_TOKENS,
+        decode_pixels: int = DEFAULT_DECODE_PIXELS,
+        oom_above_images: int | None = None,
+        cpu_offload: bool = False,
+    ) -> None:
+        check_engine_options(
+            embedding_cache_bytes=embedding_cache_bytes,
+            min_call_tokens=min_call_tokens,
+            decode_pixels=decode_pixels,
+            oom_above_images=oom_above_images,
+        )
         self.pipe = pipe
         self.model_id = model_id
         self.load_count = 0
+        self.busy_seconds = 0.0  # wall seconds inside run()'s accelerator work, synchronized on CUDA
+        self.min_call_tokens = min_call_tokens
+        self.decode_pixels = decode_pixels
+        self.oom_above_images = oom_above_images
+        # Looked up once: the pipeline's property walks every module on each access.
+        self._device: torch.device = pipe._execution_device
+        if embedding_cache is None and embedding_cache_bytes > 0:
+            embedding_cache = EmbeddingCache(embedding_cache_bytes)
+        self.embedding_cache = embedding_cache
+        text_lock = threading.Lock()
+        self.encoder = PromptEncoder(
+            pipe.tokenizer,
+            pipe.text_encoder,
+            # Embeddings depend on the weights, their dtype and where they ran, never on the padding.
+            identity=(model_id, str(pipe.text_encoder.dtype), str(self._device)),
+            cache=embedding_cache,
+            pad_to_longest=pad_to_longest,
+            lock=text_lock,
+        )
+        # With CPU offload, the transformer's hook moves the text encoder off the GPU at every pass: encoding
+        # must not overlap a run, so both take the same lock. Otherwise they may overlap freely.
+        self._run_lock = text_lock if cpu_offload else threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, model: str, *, device: str = "auto", dtype: str = "auto") -> Engine:
-        """Load the Turbo pipeline from a hub id or local folder and wrap it in an engine."""
-        torch_device = resolve_device(device)
-        engine = cls(load_turbo(model, torch_device, resolve_dtype(dtype, torch_device)), model_id=model)
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile_transformer: bool = False,
+        attention_backend: str | None = None,
+        cpu_offload: bool = False,
+        embedding_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        pad_to_longest: bool = True,
+        min_call_tokens: int = DEFAULT_MIN_CALL_TOKENS,
+        decode_pixels: int = DEFAULT_DECODE_PIXELS,
+        oom_above_images: int | None = None,
+    ) -> Engine:
+        """Load the Turbo pipeline from a hub id or local folder; every option is checked before any weight loads."""
+        options = resolve_options(
+            device=device,
+            dtype=dtype,
+            compile_transformer=compile_transformer,
+            attention_backend=attention_backend,
+            cpu_offload=cpu_offload,
+        )
+        check_engine_options(
+            embedding_cache_bytes=embedding_cache_bytes,
+            min_call_tokens=min_call_tokens,
+            decode_pixels=decode_pixels,
+            oom_above_images=oom_above_images,
+        )
+        pipe = load_turbo(
+            model,
+            options.device,
+            options.dtype,
+            compile_transformer=options.compile_transformer,
+            attention_backend=options.attention_backend,
+            cpu_offload=options.cpu_offload,
+        )
+        engine = cls(
+            pipe,
+            model_id=model,
+            embedding_cache_bytes=embedding_cache_bytes,
+            pad_to_longest=pad_to_longest,
+            min_call_tokens=min_call_tokens,
+            decode_pixels=decode_pixels,
+            oom_above_images=oom_above_images,
+            cpu_offload=options.cpu_offload,
+        )
         engine.load_count = 1
         return engine
 
     @property
     def device(self) -> torch.device:
         """The device the pipeline runs on."""
-        return self.pipe._execution_device
+        return self._device
 
     def warmup(self) -> None:
         """Run one tiny call so kernels, allocator and RoPE tables are ready before the first real batch."""
         request = ImageRequest("warmup", WARMUP_SIZE, WARMUP_SIZE, steps=1, guidance_scale=0.0, seeds=(0,))
         self.generate([request])
 
-    def generate(
-        self, requests: Sequence[ImageRequest], on_step: StepCallback | None = None
-    ) -> list[list[Image.Image]]:
-        """Generate every request's images in one pipeline call; returns the images grouped per request."""
+    def caption_bucket(self, prompt: str) -> int:
+        """The caption length the transformer pads this prompt to (a multiple of 32): for batch planning."""
+        return caption_bucket(self.encoder.caption_tokens(prompt))
+
+    def generate(self, requests: Sequence[ImageRequest], on_step: StepCallback | None = None) -> list[RequestResult]:
+        """Prepare and run a batch; per request, its images or an OutOfMemory marker (see ``run``)."""
+        return self.run(self.prepare(requests), on_step)
+
+    def prepare(self, requests: Sequence[ImageRequest]) -> PreparedBatch:
+        """Validate a batch, encode its prompts (cached) and draw its noise; safe to call while ``run`` runs."""
         if not requests:
-            return []
+            return PreparedBatch((), None, ())
+        started = time.perf_counter()
         shape = self._shared_shape(requests)
-        prompts = [request.prompt for request in requests for _ in request.seeds]
-        seeds = [seed for request in requests for seed in request.seeds]
-        negative_prompts = None
+        prompts = distinct(request.prompt for request in requests)
+        embeddings = dict(zip(prompts, self.encoder.encode(prompts, self._device), strict=True))
+        negatives: dict[str, torch.Tensor] = {}
         # ZImagePipeline runs classifier-free guidance whenever guidance_scale > 0 (pos + s * (pos - neg)),
         # not only above 1, encoding "" as the negative: pass the requests' own negatives exactly then.
         if shape.guidance_scale > 0:
-            negative_prompts = [request.negative_prompt or "" for request in requests for _ in request.seeds]
-        images = self._call_pipeline(prompts, negative_prompts, seeds, shape, on_step)
-        grouped: list[list[Image.Image]] = []
-        start = 0
-        for request in requests:
-            grouped.append(images[start : start + len(request.seeds)])
-            start += len(request.seeds)
-        return grouped
+            texts = distinct(request.negative_prompt or "" for request in requests)
+            negatives = dict(zip(texts, self.encoder.encode(texts, self._device), strict=True))
+        latent_shape = self._latent_shape(shape)
+        images = []
+        for index, request in enumerate(requests):
+            embedding = embeddings[request.prompt]
+            negative = negatives.get(request.negative_prompt or "") if shape.guidance_scale > 0 else None
+            for seed in request.seeds:
+                # One CPU generator per image, drawn exactly as diffusers' randn_tensor draws for a generator
+                # list: an image's noise is the same whatever batch, call or device it runs on.
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+                latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
+                bucket = caption_bucket(embedding.shape[0])
+                images.append(PreparedImage(index, seed, embedding, negative, latents, bucket))
+        return PreparedBatch(tuple(requests), shape, tuple(images), time.perf_counter() - started)
 
-    def _shared_shape(self, requests: Sequence[ImageRequest]) -> _BatchShape:
+    def run(self, prepared: PreparedBatch, on_step: StepCallback | None = None) -> list[RequestResult]:
+        """Denoise and decode a prepared batch; returns, per request in order, its images or ``OutOfMemory``.
+
+        A request whose image did not fit even alone gets an OutOfMemory marker (its other images are dropped);
+        the other requests still get their images. ``on_step(step, steps)`` is called after every denoising
+        step; returning True stops the batch with BatchInterrupted.
+        """
+        if prepared.shape is None:
+            return []
+        with self._run_lock:
+            started = time.perf_counter()
+            try:
+                images, failed = self._run_calls(prepared, prepared.shape, on_step)
+            finally:
+                if self._device.type == "cuda":
+                    torch.cuda.synchronize(self._device)
+                self.busy_seconds += time.perf_counter() - started
+        grouped: list[list[Image.Image]] = [[] for _ in prepared.requests]
+        for i, item in enumerate(prepared.images):
+            if item.request not in failed:
+                grouped[item.request].append(images[i])
+        return [OutOfMemory(failed[i]) if i in failed else grouped[i] for i in range(len(grouped))]
+
+    def _run_calls(
+        self, prepared: PreparedBatch, shape: BatchShape, on_step: StepCallback | None
+    ) -> tuple[dict[int, Image.Image], dict[int, str]]:
+        """Run the batch's pipeline calls; returns images by image index and failures by request index."""
+        # Caption buckets: one call per bucket needs no attention mask and no padding tokens, but only pays
+        # when each call still fills the accelerator; small buckets share a (masked) call. Either way each
+        # image equals its single call: padding is masked out and the per-caption 32-padding is the model's own.
+        calls = plan_calls(
+            [item.bucket for item in prepared.images], image_tokens(shape.width, shape.height), self.min_call_tokens
+        )
+        progress = BatchProgress(on_step, shape.steps, len(calls))
+        images: dict[int, Image.Image] = {}
+        failed: dict[int, str] = {}
+        for call in calls:
+            self._run_call(prepared, shape, call, progress, images, failed)
+        return images, failed
+
+    def _run_call(
+        self,
+        prepared: PreparedBatch,
+        shape: BatchShape,
+        indices: list[int],
+        progress: BatchProgress,
+        images: dict[int, Image.Image],
+        failed: dict[int, str],
+    ) -> None:
+        """One pipeline call; on out-of-memory, free memory and retry each half, down to single images."""
+        # A request that already failed is dropped whole: its remaining images would be thrown away.
+        indices = [i for i in indices if prepared.images[i].request not in failed]
+        if not indices:
+            progress.call_dropped()
+            return
+        message = None
+        try:
+            images.update(zip(indices, self._denoise_and_decode(prepared, shape, indices, progress), strict=True))
+            progress.call_done()
+            return
+        except torch.OutOfMemoryError as exc:
+            message = short_message(exc)
+        # Outside the except block: the error's traceback (and the tensors its frames hold) is released now.
+        free_memory(self._device)
+        if len(indices) == 1:
+            request = prepared.images[indices[0]].request
+            failed[request] = f"out of memory generating one {shape.width}x{shape.height} image: {message}"
+            progress.call_dropped()
+            return
+        progress.call_split()
+        for half in halves(indices):
+            self._run_call(prepared, shape, half, progress, images, failed)
+
+    def _denoise_and_decode(
+        self, prepared: PreparedBatch, shape: BatchShape, indices: list[int], progress: BatchProgress
+    ) -> list[Image.Image]:
+        """One pipeline call on the given images, from their embeddings and noise; the VAE decode in chunks."""
+        check_injected(len(indices), self.oom_above_images)
+        items = [prepared.images[i] for i in indices]
+        stopped: list[int] = []
+        kwargs: dict[str, Any] = {}
+        if progress.on_step is not None:
+            kwargs["callback_on_step_end"] = self._step_callback(progress, stopped)
+        guided = shape.guidance_scale > 0
+        output = self.pipe(
+            # Fresh lists each call: the pipeline must never see (or rewrite) a list a retry would reuse.
+            prompt=None,
+            prompt_embeds=[item.embedding for item in items],
+            negative_prompt_embeds=[item.negative for item in items] if guided else None,
+            height=shape.height,
+            width=shape.width,
+            num_inference_steps=shape.steps,
+            guidance_scale=shape.guidance_scale,
+            num_images_per_prompt=1,
+            latents=torch.cat([item.latents for item in items]).to(self._device),
+            output_type="latent",
+            **kwargs,
+        )
+        if stopped:
+            raise BatchInterrupted(progress.reported, shape.steps)
+        return decode_latents(self.pipe.vae, output.images, max_pixels=self.decode_pixels)
+
+    def _shared_shape(self, requests: Sequence[ImageRequest]) -> BatchShape:
         """Check the requests can share one call and return what they share."""
         first = requests[0]
-        shape = _BatchShape(first.width, first.height, first.steps, float(first.guidance_scale))
+        shape = BatchShape(first.width, first.height, first.steps, float(first.guidance_scale))
         for request in requests:
-            other = _BatchShape(request.width, request.height, request.steps, float(request.guidance_scale))
+            other = BatchShape(request.width, request.height, request.steps, float(request.guidance_scale))
             if other != shape:
-                raise ValueError(
-                    f"requests in one batch must share size, steps and guidance: {shape} != {other}"
-                )
+                raise ValueError(f"requests in one batch must share size, steps and guidance: {shape} != {other}")
             if not request.seeds:
                 raise ValueError("every request needs at least one seed")
         multiple = self.pipe.vae_scale_factor * 2
@@ -122,51 +354,38 @@ class Engine:
             raise ValueError(f"guidance_scale must not be negative, got {shape.guidance_scale}")
         return shape
 
-    def _call_pipeline(
-        self,
-        prompts: list[str],
-        negative_prompts: list[str] | None,
-        seeds: list[int],
-        shape: _BatchShape,
-        on_step: StepCallback | None,
-    ) -> list[Image.Image]:
-        """One pipeline call, one image per prompt; the hook for prompt caching, token budgets, OOM splits."""
-        # One CPU generator per image: each image's noise is the same whatever batch or device it runs on.
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        stopped: list[int] = []
-        kwargs: dict[str, Any] = {}
-        if on_step is not None:
-            kwargs["callback_on_step_end"] = self._step_callback(on_step, stopped)
-        output = self.pipe(
-            # ZImagePipeline wraps a list prompt in the chat template IN PLACE: always hand it fresh lists,
-            # or a retry with the same list object would be wrapped twice and silently change the image.
-            prompt=list(prompts),
-            negative_prompt=list(negative_prompts) if negative_prompts is not None else None,
-            height=shape.height,
-            width=shape.width,
-            num_inference_steps=shape.steps,
-            guidance_scale=shape.guidance_scale,
-            num_images_per_prompt=1,
-            generator=generators,
-            output_type="pil",
-            **kwargs,
-        )
-        if stopped:
-            raise BatchInterrupted(stopped[0], shape.steps)
-        return list(output.images)
+    def _latent_shape(self, shape: BatchShape) -> tuple[int, int, int, int]:
+        """The noise shape of one image, as ZImagePipeline.prepare_latents computes it."""
+        scale = self.pipe.vae_scale_factor * 2
+        channels = self.pipe.transformer.config.in_channels
+        return (1, channels, 2 * (shape.height // scale), 2 * (shape.width // scale))
 
     @staticmethod
-    def _step_callback(on_step: StepCallback, stopped: list[int]) -> Callable[..., dict[str, Any]]:
-        """Adapt on_step(step_done, total) to diffusers' callback_on_step_end; record where it stopped."""
+    def _step_callback(progress: BatchProgress, stopped: list[int]) -> Callable[..., dict[str, Any]]:
+        """Adapt the batch progress to diffusers' callback_on_step_end; record where it stopped."""
 
-        def callback(
-            pipe: ZImagePipeline, index: int, timestep: Any, tensors: dict[str, Any]
-        ) -> dict[str, Any]:
-            step_done = index + 1
-            if on_step(step_done, pipe.num_timesteps):
+        def callback(pipe: ZImagePipeline, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if progress.step(index + 1):
                 # The pipeline skips every remaining step once its interrupt flag is set.
                 pipe._interrupt = True
-                stopped.append(step_done)
+                stopped.append(index + 1)
             return {}
 
         return callback
+
+
+def check_engine_options(
+    *, embedding_cache_bytes: int, min_call_tokens: int, decode_pixels: int, oom_above_images: int | None
+) -> None:
+    """Reject bad engine options with a ValueError that names the option."""
+    for name, value, low in (
+        ("embedding_cache_bytes", embedding_cache_bytes, 0),
+        ("min_call_tokens", min_call_tokens, 0),
+        ("decode_pixels", decode_pixels, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if oom_above_images is not None and (
+        isinstance(oom_above_images, bool) or not isinstance(oom_above_images, int) or oom_above_images < 0
+    ):
+        raise ValueError(f"oom_above_images must be None or an integer >= 0, got {oom_above_images!r}")

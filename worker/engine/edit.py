@@ -1,0 +1,399 @@
+"""Run edit requests: img2img and inpaint on the Turbo modules, instruction edits on an Omni/Edit checkpoint.
+
+img2img and inpaint build ``ZImageImg2ImgPipeline`` / ``ZImageInpaintPipeline`` around the very module objects
+of the loaded Turbo pipeline, so they cost no memory. ``instruct`` runs ``ZImageOmniPipeline`` from the edit
+checkpoint; it takes Turbo's text encoder and VAE instead of loading copies when the checkpoint's configs and
+a sample of its weights match Turbo's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
+from diffusers.pipelines.z_image.pipeline_z_image_img2img import ZImageImg2ImgPipeline
+from diffusers.pipelines.z_image.pipeline_z_image_inpaint import ZImageInpaintPipeline
+from diffusers.pipelines.z_image.pipeline_z_image_omni import ZImageOmniPipeline
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+from PIL import Image, ImageOps
+from safetensors import safe_open
+
+from worker.engine.run import BatchInterrupted
+
+log = logging.getLogger(__name__)
+
+EditMode = Literal["instruct", "img2img", "inpaint"]
+StepCallback = Callable[[int, int], bool]
+
+MAX_CONDITION_IMAGES = 3
+# ZImageOmniPipeline crops each condition image down to multiples of 16 px and gives the rest to the VAE and
+# SigLIP unchecked: a side under 16 px becomes an empty tensor, a sliver thousands of pixels long a huge one.
+MIN_CONDITION_SIDE = 32
+MAX_CONDITION_ASPECT = 8.0
+# ZImageOmniPipeline.prepare_image_latents calls ``vae.encode(image.bfloat16())``: its VAE must be bf16.
+OMNI_VAE_DTYPE = torch.bfloat16
+# Config keys that differ between two saves of the same weights.
+_VOLATILE_CONFIG_KEYS = {"architectures", "dtype", "torch_dtype", "transformers_version"}
+_WEIGHT_SAMPLES = 3  # tensors compared per component before sharing it
+_SAMPLE_ROWS = 4  # leading rows of each sampled tensor that are compared
+
+
+@dataclass(frozen=True, eq=False)
+class EditRequest:
+    """One edit job's worth of images: every image shares the inputs; image i uses seeds[i].
+
+    ``images`` are RGB condition images (1-3 for instruct, exactly 1 for img2img and inpaint); ``mask`` is the
+    inpaint mask, white where the image is repainted and black where it is kept. ``strength`` (img2img and
+    inpaint) is the share of the denoising schedule that runs: 0 keeps the input, 1 repaints from pure noise.
+    """
+
+    mode: EditMode
+    prompt: str
+    images: tuple[Image.Image, ...]
+    mask: Image.Image | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    strength: float
+    seeds: tuple[int, ...]
+    negative_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One pipeline call: which requests it serves and how many denoising steps it runs."""
+
+    mode: EditMode
+    indices: tuple[int, ...]
+    steps: int
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """How many steps img2img / inpaint run for ``steps`` and ``strength`` (diffusers' get_timesteps)."""
+    init_timestep = min(steps * strength, steps)
+    return steps - int(max(steps - init_timestep, 0))
+
+
+class EditEngine:
+    """Runs edit requests on pipelines that share the loaded Turbo pipeline's modules."""
+
+    def __init__(
+        self,
+        turbo_pipe: ZImagePipeline,
+        *,
+        edit_model: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.turbo = turbo_pipe
+        self.device = torch.device(device) if device is not None else turbo_pipe._execution_device
+        self.dtype = dtype or turbo_pipe.transformer.dtype
+        self.edit_model = edit_model
+        self.img2img = ZImageImg2ImgPipeline(**_turbo_components(turbo_pipe))
+        self.inpaint = ZImageInpaintPipeline(**_turbo_components(turbo_pipe))
+        for pipe in (self.img2img, self.inpaint):
+            pipe.set_progress_bar_config(disable=True)
+        self.omni: ZImageOmniPipeline | None = None
+        # Which Omni components are Turbo's own objects ({"text_encoder": True, "vae": False}, ...).
+        self.shared: dict[str, bool] = {}
+        if edit_model:
+            self.omni, self.shared = load_omni(edit_model, turbo_pipe, device=self.device, dtype=self.dtype)
+
+    def warmup(self) -> None:
+        """Run one tiny call per loaded edit pipeline so the first real batch does not pay for setup."""
+        gray = Image.new("RGB", (256, 256), (128, 128, 128))
+        requests = [EditRequest("img2img", "warmup", (gray,), None, 256, 256, 1, 0.0, 1.0, (0,))]
+        if self.omni is not None:
+            requests.append(EditRequest("instruct", "warmup", (gray,), None, 256, 256, 1, 0.0, 1.0, (0,)))
+        self.edit(requests)
+
+    def edit(self, requests: Sequence[EditRequest], on_step: StepCallback | None = None) -> list[list[Image.Image]]:
+        """Run every request, batching compatible ones into one call; returns the images grouped per request.
+
+        ``on_step(done, total)`` counts denoising steps over all the calls this takes; returning True stops
+        the batch with BatchInterrupted.
+        """
+        if not requests:
+            return []
+        for request in requests:
+            self._check(request)
+        calls = _plan(requests)
+        progress = _Progress(on_step, sum(call.steps for call in calls))
+        results: list[list[Image.Image]] = [[] for _ in requests]
+        for call in calls:
+            chosen = [requests[i] for i in call.indices]
+            if call.steps == 0:
+                # strength rounds to no denoising step (diffusers refuses that call): the input comes back.
+                images = [_fit(r.images[0], r.width, r.height) for r in chosen for _ in r.seeds]
+            elif call.mode == "instruct":
+                images = self._instruct(chosen[0], progress)
+            else:
+                images = self._repaint(call.mode, chosen, progress)
+            start = 0
+            for index, request in zip(call.indices, chosen, strict=True):
+                results[index] = images[start : start + len(request.seeds)]
+                start += len(request.seeds)
+        return results
+
+    def _check(self, request: EditRequest) -> None:
+        """Refuse a request no pipeline call can serve, before any call runs."""
+        multiple = self.turbo.vae_scale_factor * 2
+        if request.width <= 0 or request.height <= 0 or request.width % multiple or request.height % multiple:
+            raise ValueError(f"width and height must be positive multiples of {multiple}")
+        if not request.seeds:
+            raise ValueError("every request needs at least one seed")
+        if request.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {request.steps}")
+        if request.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must not be negative, got {request.guidance_scale}")
+        if request.mode == "instruct":
+            if not 1 <= len(request.images) <= MAX_CONDITION_IMAGES:
+                raise ValueError(f"instruct takes 1 to {MAX_CONDITION_IMAGES} images, got {len(request.images)}")
+            if self.omni is None:
+                raise ValueError("instruct edits need an edit model: set ZIMAGE_EDIT_MODEL")
+        elif request.mode in ("img2img", "inpaint"):
+            if len(request.images) != 1:
+                raise ValueError(f"{request.mode} takes exactly one image, got {len(request.images)}")
+            if not 0.0 <= request.strength <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {request.strength}")
+            if (request.mode == "inpaint") != (request.mask is not None):
+                raise ValueError("inpaint needs a mask, and only inpaint takes one")
+        else:
+            raise ValueError(f"unknown edit mode {request.mode!r}")
+
+    def _repaint(self, mode: EditMode, requests: list[EditRequest], progress: _Progress) -> list[Image.Image]:
+        """One img2img or inpaint call for requests sharing mode, size, steps, strength and guidance."""
+        first = requests[0]
+        pipe = self.inpaint if mode == "inpaint" else self.img2img
+        # The pipelines encode the image at its own size and noise latents of the requested size: they must
+        # agree, so every image is fitted (scaled and centre-cropped, never stretched) to the output size.
+        # Each output image gets its own copy of its request's inputs, so the batch is one tensor.
+        kwargs: dict[str, Any] = {
+            "image": [_fit(r.images[0], r.width, r.height) for r in requests for _ in r.seeds],
+        }
+        if mode == "inpaint":
+            kwargs["mask_image"] = [_fit_mask(r.mask, r.width, r.height) for r in requests for _ in r.seeds]
+        return self._call(
+            pipe,
+            requests,
+            progress,
+            strength=first.strength,
+            **kwargs,
+        )
+
+    def _instruct(self, request: EditRequest, progress: _Progress) -> list[Image.Image]:
+        """One ZImageOmniPipeline call for one request; its images share the condition images."""
+        # ZImageOmniPipeline takes ONE list of condition images per call and copies it to every batch item,
+        # so requests with different images cannot share a call: one call per job, whose num_images (one
+        # generator each) do run as one batch.
+        assert self.omni is not None
+        images = [_condition_image(image) for image in request.images]
+        return self._call(self.omni, [request], progress, image=images)
+
+    def _call(
+        self, pipe: Any, requests: list[EditRequest], progress: _Progress, **inputs: Any
+    ) -> list[Image.Image]:
+        """Call ``pipe`` once with one prompt and one CPU generator per output image."""
+        first = requests[0]
+        prompts = [r.prompt for r in requests for _ in r.seeds]
+        negatives = None
+        # Like ZImagePipeline, these run classifier-free guidance whenever guidance_scale > 0.
+        if first.guidance_scale > 0:
+            negatives = [r.negative_prompt or "" for r in requests for _ in r.seeds]
+        # One CPU generator per image: each image's noise is the same whatever batch or device it runs on.
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for r in requests for seed in r.seeds]
+        output = pipe(
+            # The pipelines rewrite list prompts in place (chat template): always hand them fresh lists.
+            prompt=list(prompts),
+            negative_prompt=list(negatives) if negatives is not None else None,
+            height=first.height,
+            width=first.width,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            num_images_per_prompt=1,
+            generator=generators,
+            output_type="pil",
+            callback_on_step_end=progress.callback,
+            **inputs,
+        )
+        progress.raise_if_stopped()
+        return list(output.images)
+
+
+class _Progress:
+    """Counts denoising steps over several pipeline calls and forwards them to on_step."""
+
+    def __init__(self, on_step: StepCallback | None, total: int) -> None:
+        self.on_step = on_step
+        self.total = total
+        self.done = 0
+        self.stopped = False
+
+    def callback(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' callback_on_step_end: count the step, ask on_step, set the interrupt flag on True."""
+        self.done += 1
+        if self.on_step is not None and self.on_step(self.done, self.total):
+            # The pipeline skips every remaining step once its interrupt flag is set.
+            pipe._interrupt = True
+            self.stopped = True
+        return {}
+
+    def raise_if_stopped(self) -> None:
+        """Raise BatchInterrupted when on_step asked to stop during the last call."""
+        if self.stopped:
+            raise BatchInterrupted(self.done, self.total)
+
+
+def _plan(requests: Sequence[EditRequest]) -> list[_Call]:
+    """Group requests into pipeline calls, in order of first appearance."""
+    members: dict[tuple[Any, ...], list[int]] = {}
+    for index, request in enumerate(requests):
+        if request.mode == "instruct":
+            key: tuple[Any, ...] = ("instruct", index)
+        else:
+            # What one img2img / inpaint call shares: the latents' shape, the schedule and the guidance.
+            strength, guidance = float(request.strength), float(request.guidance_scale)
+            key = (request.mode, request.width, request.height, request.steps, strength, guidance)
+        members.setdefault(key, []).append(index)
+    calls = []
+    for indices in members.values():
+        first = requests[indices[0]]
+        steps = first.steps if first.mode == "instruct" else denoising_steps(first.steps, first.strength)
+        calls.append(_Call(first.mode, tuple(indices), steps))
+    return calls
+
+
+def _turbo_components(turbo: ZImagePipeline) -> dict[str, Any]:
+    """Turbo's modules as constructor arguments, with a scheduler of the edit pipeline's own."""
+    # The modules are the same objects (no memory); the scheduler holds per-call state (timesteps, begin
+    # index) and costs nothing, so each pipeline gets its own rather than sharing Turbo's.
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(turbo.scheduler.config)
+    return {**turbo.components, "scheduler": scheduler}
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` as RGB at exactly width x height: scaled to cover, then centre-cropped."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    if image.size == (width, height):
+        return image.copy()
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+
+
+def _fit_mask(mask: Image.Image | None, width: int, height: int) -> Image.Image:
+    """The mask as grayscale, fitted exactly like its image (nearest: a mask stays a mask)."""
+    assert mask is not None
+    mask = mask if mask.mode == "L" else mask.convert("L")
+    if mask.size == (width, height):
+        return mask.copy()
+    return ImageOps.fit(mask, (width, height), method=Image.Resampling.NEAREST)
+
+
+def _condition_image(image: Image.Image) -> Image.Image:
+    """An instruct condition image as RGB, cropped to at most 8:1 and at least 32 px a side."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = image.size
+    if max(width, height) > MAX_CONDITION_ASPECT * min(width, height):
+        short = min(width, height)
+        long = int(short * MAX_CONDITION_ASPECT)
+        size = (long, short) if width > height else (short, long)
+        image = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+        width, height = image.size
+    if min(width, height) < MIN_CONDITION_SIDE:
+        scale = MIN_CONDITION_SIDE / min(width, height)
+        image = image.resize((round(width * scale), round(height * scale)), Image.Resampling.LANCZOS)
+    return image
+
+
+def load_omni(
+    model: str, turbo: ZImagePipeline, *, device: torch.device, dtype: torch.dtype
+) -> tuple[ZImageOmniPipeline, dict[str, bool]]:
+    """Load ZImageOmniPipeline from ``model`` (hub id or folder), reusing Turbo's text encoder and VAE if equal."""
+    folder = Path(model) if Path(model).is_dir() else Path(ZImageOmniPipeline.download(model))
+    reuse: dict[str, Any] = {}
+    wanted = {"text_encoder": (turbo.text_encoder, dtype), "vae": (turbo.vae, OMNI_VAE_DTYPE)}
+    for name, (module, needed_dtype) in wanted.items():
+        if not (folder / name).is_dir():
+            # A transformer-only release relies on the base model's component: Turbo's is the one it has.
+            log.info("edit model %s has no %s: using Turbo's", model, name)
+            reuse[name] = module
+        elif module.dtype != needed_dtype:
+            log.info("not sharing %s: Turbo's is %s, the edit pipeline needs %s", name, module.dtype, needed_dtype)
+        elif not same_config(module, folder / name):
+            log.info("not sharing %s: its config differs from Turbo's", name)
+        elif not same_weights(module, folder / name):
+            log.info("not sharing %s: its weights differ from Turbo's", name)
+        else:
+            reuse[name] = module
+    pipe = ZImageOmniPipeline.from_pretrained(
+        folder, dtype={"default": dtype, "vae": OMNI_VAE_DTYPE}, **reuse
+    )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    shared = {name: getattr(pipe, name) is getattr(turbo, name) for name in wanted}
+    log.info("loaded edit model %s; shared with Turbo: %s", model, shared)
+    return pipe, shared
+
+
+def same_config(module: Any, folder: Path) -> bool:
+    """True when the config saved in ``folder`` describes the same model as ``module``'s config."""
+    if hasattr(module.config, "to_dict"):  # a transformers PreTrainedModel
+        other = type(module.config).from_pretrained(folder).to_dict()
+        mine = module.config.to_dict()
+    else:  # a diffusers ModelMixin: fill defaults so an older save with fewer keys still compares equal
+        cls = type(module)
+        other = _init_config(cls, cls.load_config(folder))
+        mine = _init_config(cls, dict(module.config))
+    return _canonical(mine) == _canonical(other)
+
+
+def same_weights(module: torch.nn.Module, folder: Path) -> bool:
+    """True when a sample of the tensors saved in ``folder`` equals ``module``'s (a cheap fingerprint)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return False
+    state = module.state_dict()
+    compared = 0
+    with safe_open(str(files[0]), framework="pt") as saved:
+        names = sorted(saved.keys())
+        picks = dict.fromkeys([names[0], names[len(names) // 2], names[-1]][:_WEIGHT_SAMPLES])
+        for name in picks:
+            key = name if name in state else name.removeprefix("model.")
+            if key not in state:
+                continue
+            mine = state[key].detach()
+            sliced = saved.get_slice(name)
+            if len(sliced.get_shape()) == 0:
+                theirs = saved.get_tensor(name)
+            else:
+                rows = min(_SAMPLE_ROWS, sliced.get_shape()[0])
+                theirs, mine = sliced[:rows], mine[:rows]
+            if not torch.equal(theirs.to(mine.dtype), mine.cpu()):
+                return False
+            compared += 1
+    return compared > 0
+
+
+def _init_config(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments a diffusers config stands for: saved values over the signature defaults."""
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    values = {
+        name: p.default
+        for name, p in params.items()
+        if name != "self" and p.default is not inspect.Parameter.empty
+    }
+    values.update({k: v for k, v in config.items() if k in params})
+    return values
+
+
+def _canonical(config: dict[str, Any]) -> str:
+    """A config as comparable JSON: tuples as lists, private and volatile keys dropped."""
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return json.dumps(kept, sort_keys=True, default=str)
