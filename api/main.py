@@ -15,6 +15,7 @@ from api import errors
 from api.auth import KeyCache
 from api.resources import Resources
 from api.routes import health, jobs
+from api.submit import GroupCommitter
 from core import storage
 from core.db import make_async_engine, make_engine
 from core.settings import Settings, get_settings
@@ -67,10 +68,13 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
                 res.sync_db, redis.Redis.from_url(settings.redis_url, **_REDIS_TIMEOUTS), settings
             )
             res.sweeper.start()
+        res.submitter = GroupCommitter(res)
+        res.submitter.start()
         app.state.resources = res
         try:
             yield
         finally:
+            await res.submitter.stop()
             if res.sweeper is not None:
                 res.sweeper.stop()
             if res.sync_db is not None:

@@ -28,6 +28,7 @@ class Resources:
     keys: KeyCache
     sync_db: Engine | None = None
     sweeper: SweeperThread | None = None
+    submitter: Any = None  # api.submit.GroupCommitter, started in the lifespan
     # monotonic time before which publishing is skipped (Redis just failed); the sweeper catches up.
     redis_down_until: float = 0.0
 

@@ -19,6 +19,7 @@ from pydantic import (
 
 MAX_SEED = 2**63 - 1
 MAX_METADATA_BYTES = 4096
+MAX_METADATA_DEPTH = 32
 MAX_SIDE = 2048
 
 # Per (kind, mode): what "model default" means for steps and guidance (Turbo: 8 steps, no CFG).
@@ -28,6 +29,14 @@ MODEL_DEFAULTS: dict[tuple[str, str | None], dict[str, float | int]] = {
     ("edit", "img2img"): {"steps": 8, "guidance_scale": 0.0},
     ("edit", "inpaint"): {"steps": 8, "guidance_scale": 0.0},
 }
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    """How deeply a JSON value nests (stops counting past the limit, so it never recurses far)."""
+    if level > MAX_METADATA_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max((_depth(c, level + 1) for c in children), default=level)
 
 
 class _Strict(BaseModel):
@@ -83,11 +92,20 @@ class JobRequest(_Strict):
     @field_validator("prompt")
     @classmethod
     def _prompt_length(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("prompt must not contain NUL characters")
         v = v.strip()
         if not v:
             raise ValueError("prompt must not be empty")
         if len(v) > 4000:
             raise ValueError("prompt must be at most 4000 characters")
+        return v
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\x00" in v:
+            raise ValueError("negative_prompt must not contain NUL characters")
         return v
 
     @field_validator("webhook_url")
@@ -100,7 +118,15 @@ class JobRequest(_Strict):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, v: dict[str, Any]) -> dict[str, Any]:
-        size = len(json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode())
+        if _depth(v) > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
+        try:
+            encoded = json.dumps(v, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            raise ValueError("metadata must be plain JSON: NaN and Infinity are not allowed") from None
+        if "\\u0000" in encoded:  # Postgres cannot store NUL in text or JSONB
+            raise ValueError("metadata must not contain NUL characters")
+        size = len(encoded.encode())
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
         return v

@@ -43,11 +43,11 @@ async def create_job(
         raise errors.ValidationFailed(
             "unknown adapter", [{"field": "loras.0.adapter_id", "message": "no such adapter for this tenant"}]
         )
-    row, created = await submit_job(res, tenant_id=tenant, req=req, idempotency_key=idempotency_key)
-    response.headers["Location"] = f"/v1/jobs/{row['id']}"
+    job, created = await submit_job(res, tenant_id=tenant, req=req, idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job['id']}"
     if not created:
         response.status_code = 200
-    return await job_ops.get_job(res, tenant_id=tenant, job_id=row["id"])
+    return job
 
 
 @router.get("", response_model=JobPage, responses=_ERRORS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
-from worker.engine import BatchInterrupted, Engine, ImageRequest, resolve_device, resolve_dtype
+from worker.engine import BatchInterrupted, Engine, ImageRequest, OutOfMemory, resolve_device, resolve_dtype
 
 TOLERANCE = 2  # max abs difference on uint8 pixels: 2/255
 SIZE = 256
@@ -25,6 +27,14 @@ EN_LONG = (
     "Elaborate high bun, golden phoenix headdress, red flowers, beads. Holds a round folding fan."
 )
 ZH = "一名穿著紅色漢服的年輕中國女子"
+EN_300 = (  # 314 tokens with the chat template: long enough to span ten caption buckets
+    "A sweeping cinematic photograph of an ancient mountain monastery at dawn, golden light spilling over "
+    "terraced tea fields, monks in saffron robes crossing a rope bridge above a misty gorge, prayer flags "
+    "fluttering in the cold wind, snow-capped peaks glowing pink behind them, a lone eagle circling overhead, "
+    "wooden walkways slick with dew, lanterns still burning in the windows, a stone stairway winding down "
+    "through pine forest to a turquoise river, ultra detailed, 85mm lens, shallow depth of field, soft volumetric "
+    "light, film grain, muted earth tones with touches of crimson and gold."
+)
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +223,73 @@ def test_engine_runs_without_the_service_packages() -> None:
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+
+
+def images_of(result: list[Image.Image] | OutOfMemory) -> list[Image.Image]:
+    """A request's images; fails the test on an OutOfMemory marker."""
+    assert not isinstance(result, OutOfMemory), result
+    return result
+
+
+def test_mixed_lengths_and_seeds_equal_single_calls(engine: Engine, reference: ZImagePipeline) -> None:
+    assert engine.caption_bucket(EN_300) == 320 and engine.caption_bucket(EN_SHORT) == 32
+    requests = [request(EN_300, (31, 32)), request(EN_SHORT, (33,)), request(ZH, (34, 35, 36)), request(EN_LONG, (37,))]
+    batches = engine.generate(requests)
+    for req, result in zip(requests, batches, strict=True):
+        images = images_of(result)
+        assert len(images) == len(req.seeds)
+        for seed, image in zip(req.seeds, images, strict=True):
+            assert diff(image, single(reference, req, seed)) <= TOLERANCE, (req.prompt[:20], seed)
+
+
+@pytest.mark.parametrize("others", [0, 1, 3])
+def test_an_image_does_not_depend_on_its_batch(engine: Engine, reference: ZImagePipeline, others: int) -> None:
+    target = request(EN_300, (77,))
+    companions = [request(EN_SHORT, (1,)), request(ZH, (2, 3)), request(EN_LONG, (4,))][:others]
+    batch = [*companions[:1], target, *companions[1:]]
+    image = images_of(engine.generate(batch)[batch.index(target)])[0]
+    assert diff(image, single(reference, target, 77)) <= TOLERANCE
+
+
+def test_prepare_then_run_equals_generate(engine: Engine) -> None:
+    requests = [request(EN_SHORT, (5, 6)), request(ZH, (7,))]
+    prepared = engine.prepare(requests)
+    assert [item.seed for item in prepared.images] == [5, 6, 7]
+    assert [item.request for item in prepared.images] == [0, 0, 1]
+    # A prepared batch is plain data: running it twice gives the same images.
+    first, second = engine.run(prepared), engine.run(prepared)
+    direct = engine.generate(requests)
+    for a, b, c in zip(sum(map(images_of, first), []), sum(map(images_of, second), []), sum(map(images_of, direct), [])):
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+    assert engine.run(engine.prepare([])) == []
+
+
+def test_busy_seconds_counts_run_only(engine: Engine) -> None:
+    before = engine.busy_seconds
+    prepared = engine.prepare([request(steps=2)])
+    assert engine.busy_seconds == before  # prepare is not accelerator work of a run
+    started = time.perf_counter()
+    engine.run(prepared)
+    elapsed = time.perf_counter() - started
+    assert 0 < engine.busy_seconds - before <= elapsed
+
+
+def test_prepare_runs_safely_while_a_batch_runs(engine: Engine, reference: ZImagePipeline) -> None:
+    # The worker prepares batch N+1 in a thread while batch N denoises: both must give correct images.
+    running = [request(EN_LONG, (41, 42), steps=4)]
+    following = [request(EN_300, (43,), steps=4), request(ZH, (44,), steps=4)]
+    prepared_next: list[Any] = []
+    thread = threading.Thread(target=lambda: prepared_next.append(engine.prepare(following)))
+
+    def start_preparing(step: int, total: int) -> bool:
+        if step == 1:
+            thread.start()
+        return False
+
+    current = engine.generate(running, on_step=start_preparing)
+    thread.join(timeout=60)
+    after = engine.run(prepared_next[0])
+    for reqs, results in ((running, current), (following, after)):
+        for req, result in zip(reqs, results, strict=True):
+            for seed, image in zip(req.seeds, images_of(result), strict=True):
+                assert diff(image, single(reference, req, seed)) <= TOLERANCE
