@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI
 from redis import asyncio as aioredis
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.auth import KeyCache
@@ -18,6 +18,7 @@ from api.routes import health, jobs
 from api.submit import GroupCommitter
 from core import storage
 from core.db import make_async_engine, make_engine
+from core.errors import PayloadTooLarge
 from core.settings import Settings, get_settings
 from core.sweeper import SweeperThread
 
@@ -28,22 +29,44 @@ _REDIS_TIMEOUTS = {"socket_connect_timeout": 1.0, "socket_timeout": 2.0}
 
 
 class BodyLimit:
-    """Refuses a body whose declared length is over the limit (413) before reading it."""
+    """Refuses a body over the limit (413): at once when its declared length is, else as soon as the bytes
+    streamed in (a chunked body) pass it, before any more is read."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                    response = errors.error_response(
-                        413, "payload_too_large", f"the body is over {self.max_bytes} bytes"
-                    )
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = errors.error_response(413, "payload_too_large", f"the body is over {self.max_bytes} bytes")
+                await response(scope, receive, send)
+                return
+        received = 0
+        too_large = False
+
+        async def limited() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise PayloadTooLarge(f"the body is over {self.max_bytes} bytes")
+            return message
+
+        async def answer(message: Message) -> None:
+            # Whatever the app made of the aborted read (FastAPI calls it a parse error), the answer is a 413.
+            if not too_large:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                response = errors.error_response(413, "payload_too_large", f"the body is over {self.max_bytes} bytes")
+                await response(scope, receive, send)
+
+        await self.app(scope, limited, answer)
 
 
 def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> FastAPI:

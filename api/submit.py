@@ -53,7 +53,7 @@ class GroupCommitter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._pending:
-            await self._flush()
+            await self._flush()  # what arrived during shutdown
 
     async def submit(self, row: dict[str, Any]) -> dict[str, Any]:
         """Insert ``row`` with whatever else is being submitted now; the job object once it is committed."""
@@ -63,17 +63,27 @@ class GroupCommitter:
         return await future
 
     async def _run(self) -> None:
+        # Two groups in flight at once: one commits while the next one fills and inserts.
+        slots = asyncio.Semaphore(2)
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                await self._flush()
+                await slots.acquire()
+                group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+                task = asyncio.create_task(self._flush(group))
+                task.add_done_callback(lambda _: slots.release())
 
-    async def _flush(self) -> None:
-        group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+    async def _flush(self, group: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] | None = None) -> None:
+        if group is None:
+            group, self._pending = self._pending, []
+        # Marked dispatched in the same INSERT: saves a round trip per group. Should the publish below fail,
+        # the mark is undone; should this process die between commit and publish, the sweeper's lost-message
+        # check publishes the rows again.
+        rows = [{**r, "dispatched_at": func.now()} for r, _ in group]
         try:
             async with self._res.db.connect() as conn:
-                created = (await conn.execute(insert(jobs).values([r for r, _ in group]).returning(jobs))).mappings()
+                created = (await conn.execute(insert(jobs).values(rows).returning(jobs))).mappings()
                 by_id = {r["id"]: r for r in created}
                 positions = await _positions(conn, list(by_id.values()))
                 await conn.commit()
@@ -82,7 +92,7 @@ class GroupCommitter:
                 if not future.done():
                     future.set_exception(exc)
             return
-        await dispatch(self._res, [(r["id"], r["queue"]) for r in by_id.values()])
+        await dispatch(self._res, [(r["id"], r["queue"]) for r in by_id.values()], marked=True)
         for row, future in group:
             if not future.done():
                 created_row = by_id[row["id"]]
@@ -130,17 +140,19 @@ async def submit_job(
     row = build_job_row(
         req, tenant_id=tenant_id, max_attempts=res.settings.max_attempts, idempotency_key=idempotency_key
     )
-    if idempotency_key is None:
+    if idempotency_key is None and res.settings.group_commit:
         return await res.submitter.submit(row), True
     async with res.db.connect() as conn:
-        # One holder per (tenant, key) at a time: a second request while the first is being written is a 409.
-        got = await conn.scalar(
-            text("SELECT pg_try_advisory_xact_lock(hashtextextended(:k, 0))"),
-            {"k": f"{tenant_id}:{idempotency_key}"},  # tenant ids never hold ':', so this is unambiguous
-        )
-        if not got:
-            raise errors.Conflict("a request with this Idempotency-Key is still being processed")
-        existing = await _existing_for_key(conn, tenant_id, idempotency_key)
+        existing = None
+        if idempotency_key is not None:
+            # One holder per (tenant, key) at a time: a second request while the first is written is a 409.
+            got = await conn.scalar(
+                text("SELECT pg_try_advisory_xact_lock(hashtextextended(:k, 0))"),
+                {"k": f"{tenant_id}:{idempotency_key}"},  # tenant ids never hold ':', so this is unambiguous
+            )
+            if not got:
+                raise errors.Conflict("a request with this Idempotency-Key is still being processed")
+            existing = await _existing_for_key(conn, tenant_id, idempotency_key)
         if existing is not None:
             if existing["request_hash"] != request_hash(req.normalized()):
                 raise errors.ValidationFailed(
@@ -158,21 +170,28 @@ async def submit_job(
     return view, True
 
 
-async def dispatch(res: Resources, pairs: list[tuple[str, str]]) -> bool:
-    """Publish committed jobs and mark them dispatched; on a Redis error leave them to the sweeper."""
-    if time.monotonic() < res.redis_down_until:
-        return False  # Redis failed a moment ago: don't make every submit wait for its timeout
-    try:
-        await queue.publish_async(res.redis, res.settings.redis_prefix, pairs)
-    except Exception as exc:  # Redis down or slow: the rows are committed, the sweeper will publish them
-        res.redis_down_until = time.monotonic() + _REDIS_BACKOFF_S
-        log.warning("publish failed, %d job(s) left to the sweeper: %s", len(pairs), exc)
-        return False
+async def dispatch(res: Resources, pairs: list[tuple[str, str]], *, marked: bool = False) -> bool:
+    """Publish committed jobs and record whether they were; on a Redis error leave them to the sweeper.
+
+    ``marked``: the rows were inserted already marked dispatched (group commit); only a failure is written.
+    """
+    published = False
+    if time.monotonic() >= res.redis_down_until:  # else Redis failed a moment ago: don't wait for its timeout
+        try:
+            await queue.publish_async(res.redis, res.settings.redis_prefix, pairs)
+            published = True
+        except Exception as exc:  # Redis down or slow: the rows are committed, the sweeper will publish them
+            res.redis_down_until = time.monotonic() + _REDIS_BACKOFF_S
+            log.warning("publish failed, %d job(s) left to the sweeper: %s", len(pairs), exc)
+    if published == marked:
+        return published
     try:
         async with res.db.begin() as conn:
             await conn.execute(
-                update(jobs).where(jobs.c.id.in_([p[0] for p in pairs])).values(dispatched_at=func.now())
+                update(jobs)
+                .where(jobs.c.id.in_([p[0] for p in pairs]))
+                .values(dispatched_at=func.now() if published else None)
             )
-    except Exception as exc:  # published but not marked: the sweeper publishes again, a harmless duplicate
-        log.warning("could not mark %d job(s) dispatched: %s", len(pairs), exc)
-    return True
+    except Exception as exc:  # the sweeper's lost-message check covers a wrong mark, later
+        log.warning("could not record the dispatch of %d job(s): %s", len(pairs), exc)
+    return published

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
 
     # --- API ---
     api_base_url: str = "http://127.0.0.1:8000"
+    # Coalesce concurrent submissions into one transaction and one Redis pipeline (off: a row per request).
+    group_commit: bool = True
     max_body_bytes: int = Field(1 << 20, ge=1024)
 
     @field_validator("redis_prefix")

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -230,6 +231,13 @@ def stop_group(pgid: int, grace_s: float, proc: subprocess.Popen[bytes] | None =
         os.killpg(pgid, signal.SIGKILL)
     if proc is not None:
         proc.wait(5)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _alive(pid: int) -> bool:

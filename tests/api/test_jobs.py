@@ -186,6 +186,7 @@ def test_get_answers_the_job(client: TestClient, key: str) -> None:
     assert set(got) >= JOB_KEYS
     for field in ("id", "status", "kind", "request", "priority", "metadata", "created_at", "outputs"):
         assert got[field] == job[field]
+    assert got["queue_position"] == job["queue_position"]  # nothing was queued in between
 
 
 def test_an_unknown_job_is_404(client: TestClient, key: str) -> None:
@@ -346,11 +347,6 @@ def test_a_chunked_body_over_the_limit_is_413(client: TestClient, key: str, sett
     assert_error(r, 413, "payload_too_large")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a NUL character (valid JSON \\u0000) reaches Postgres, which cannot store it in text/JSONB: "
-    "500 internal_error instead of 422 (core/schemas.py accepts it; api/submit.py inserts it)",
-)
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -368,11 +364,6 @@ def test_a_nul_character_is_a_422_not_a_500(client: TestClient, key: str, db: En
     assert count_jobs(db, tenant_of(db, key)) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: metadata nested ~255 levels deep (about 500 bytes, within the 4 KiB rule) passes validation, "
-    "then pydantic's serializer gives up: 500 internal_error (core/schemas.py _metadata_size checks size only)",
-)
 def test_deeply_nested_metadata_is_echoed_or_refused_never_a_500(client: TestClient, key: str) -> None:
     depth = 300
     body = b'{"prompt": "x", "metadata": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
@@ -385,11 +376,6 @@ def test_deeply_nested_metadata_is_echoed_or_refused_never_a_500(client: TestCli
         assert r.json()["metadata"] == json.loads(body)["metadata"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: NaN / Infinity (not JSON per RFC 8259) are parsed by json.loads and stored as null: the "
-    "metadata echoed back is not what was sent, instead of a 400 (or 422)",
-)
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
 def test_non_finite_numbers_are_refused_not_turned_into_null(
     client: TestClient, key: str, db: Engine, literal: bytes
@@ -403,17 +389,11 @@ def test_non_finite_numbers_are_refused_not_turned_into_null(
 
 # --- idempotency ------------------------------------------------------------------------------------------
 
-IDEMPOTENCY_BUG = (
-    "BUG: api/submit.py passes f'{tenant_id}\\x00{key}' to hashtextextended(); Postgres text cannot hold NUL, "
-    "so every request with an Idempotency-Key fails with a 500"
-)
-
 
 def idem(value: str) -> dict[str, str]:
     return {"Idempotency-Key": value}
 
 
-@pytest.mark.xfail(strict=True, reason=IDEMPOTENCY_BUG)
 def test_the_same_key_and_body_return_the_original_job(
     client: TestClient, key: str, db: Engine, redis_client: redis.Redis, redis_prefix: str
 ) -> None:
@@ -432,7 +412,6 @@ def test_the_same_key_and_body_return_the_original_job(
     assert redis_client.llen(broker_list) == depth  # not published twice
 
 
-@pytest.mark.xfail(strict=True, reason=IDEMPOTENCY_BUG)
 def test_the_same_key_with_another_body_is_422(client: TestClient, key: str, db: Engine) -> None:
     ikey = f"order-{ids.job_id()}"
     first = client.post("/v1/jobs", json={"prompt": "a fox"}, headers={**auth(key), **idem(ikey)})
@@ -443,7 +422,6 @@ def test_the_same_key_with_another_body_is_422(client: TestClient, key: str, db:
     assert count_jobs(db, tenant_of(db, key)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=IDEMPOTENCY_BUG)
 def test_an_idempotency_key_is_scoped_to_its_tenant(client: TestClient, new_key: Callable[..., str]) -> None:
     a, b = new_key(), new_key()
     ikey = f"shared-{ids.job_id()}"
@@ -453,7 +431,6 @@ def test_an_idempotency_key_is_scoped_to_its_tenant(client: TestClient, new_key:
     assert ra.json()["id"] != rb.json()["id"]
 
 
-@pytest.mark.xfail(strict=True, reason=IDEMPOTENCY_BUG)
 def test_an_idempotency_key_of_255_characters_is_accepted(client: TestClient, key: str) -> None:
     r = client.post("/v1/jobs", json={"prompt": "x"}, headers={**auth(key), **idem("k" * 255)})
     assert r.status_code == 202, r.text
@@ -486,7 +463,6 @@ def _wait_for_blocked_insert(db: Engine, first: Future[Any], timeout_s: float = 
     pytest.fail("the first request never reached its INSERT")
 
 
-@pytest.mark.xfail(strict=True, reason=IDEMPOTENCY_BUG)
 def test_the_same_key_while_the_first_request_is_being_written_is_409(client: TestClient, key: str, db: Engine) -> None:
     ikey = f"slow-{ids.job_id()}"
     headers = {**auth(key), **idem(ikey)}

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from core.settings import Settings
 from deploy.seaweed import SeaweedServer
+from deploy.stack import free_port
 from tests.faults.harness import Cluster, RedisServer, Row, format_table
 
 ROWS: list[Row] = []
@@ -32,8 +33,6 @@ def fault_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
 @pytest.fixture(scope="session")
 def fault_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     """A SeaweedFS of the suite's own, on a fixed S3 port so that it can be restarted in place."""
-    from tests.faults.harness import free_port
-
     server = SeaweedServer(
         tmp_path_factory.mktemp("fault-s3"),
         access_key="fault",

@@ -20,14 +20,7 @@ from client import ZImageClient
 from core import storage
 from core.admin import create_key
 from core.settings import Settings
-from deploy.stack import Stack, stop_group
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from deploy.stack import Stack, free_port, stop_group
 
 
 class RedisServer:

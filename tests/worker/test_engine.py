@@ -259,8 +259,10 @@ def test_prepare_then_run_equals_generate(engine: Engine) -> None:
     # A prepared batch is plain data: running it twice gives the same images.
     first, second = engine.run(prepared), engine.run(prepared)
     direct = engine.generate(requests)
-    for a, b, c in zip(sum(map(images_of, first), []), sum(map(images_of, second), []), sum(map(images_of, direct), [])):
-        assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+    flat = [[np.asarray(im) for result in results for im in images_of(result)] for results in (first, second, direct)]
+    assert len(flat[0]) == 3
+    for a, b, c in zip(*flat, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
     assert engine.run(engine.prepare([])) == []
 
 

@@ -1,0 +1,142 @@
+"""Submission throughput: single-job ``POST /v1/jobs`` from 32 concurrent clients (wrk) against the real API,
+Postgres and Redis, with group commit on and off; then checks that every accepted job is in Postgres and Redis.
+
+    python -m bench.submit_bench [--duration 30] [--connections 32] [--out bench/results/submit.json]
+
+Needs ``wrk`` (Debian package ``wrk``; ``make bench`` installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import text
+
+from core.admin import create_key
+from core.db import drop_database, make_engine
+from core.queue import broker_key
+from core.settings import Settings
+from deploy.seaweed import SeaweedServer
+from deploy.stack import Stack, free_port
+
+_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+wrk.body = '{"prompt": "a bulk asset, product shot on white", "width": 512, "height": 512}'
+"""
+
+
+def _latency_ms(output: str, percentile: str) -> float:
+    """A percentile from wrk's --latency table, in ms."""
+    match = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+    if not match:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def run_mode(base: Settings, work: Path, *, group_commit: bool, duration: int, connections: int) -> dict[str, Any]:
+    """One wrk run against a fresh API process; the figures and the accounting of accepted jobs."""
+    prefix = f"bench-{secrets.token_hex(4)}:"
+    settings = base.model_copy(update={"group_commit": group_commit, "redis_prefix": prefix})
+    port = free_port()
+    stack = Stack(settings, work / f"gc-{group_commit}", api_port=port, s3_port=None)
+    tenant = f"bench-{secrets.token_hex(4)}"
+    key = create_key(settings, tenant)
+    script = work / "post.lua"
+    script.write_text(_LUA % key)
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    stack.start_api()
+    try:
+        time.sleep(1)
+        out = subprocess.run(
+            ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
+             f"{stack.api_url}/v1/jobs"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        time.sleep(2)  # let the last publishes land
+    finally:
+        stack.stop()
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    refused = int(non2xx.group(1)) if non2xx else 0
+    db = make_engine(settings, pool_size=1)
+    with db.connect() as conn:
+        rows = conn.execute(
+            text("SELECT count(*), count(dispatched_at) FROM jobs j JOIN tenants t ON t.id = j.tenant_id"
+                 " WHERE t.name = :t"), {"t": tenant},
+        ).one()
+    db.dispose()
+    broker = redis.Redis.from_url(settings.redis_url)
+    in_redis = int(broker.llen(broker_key(prefix, "generate")))
+    for k in broker.scan_iter(f"{prefix}*"):
+        broker.delete(k)
+    broker.close()
+    accepted = total - refused
+    return {
+        "mode": "group commit" if group_commit else "row per request",
+        "requests": total,
+        "accepted": accepted,
+        "refused": refused,
+        "req_per_s": round(total / duration, 1),
+        "p50_ms": _latency_ms(out, "50"),
+        "p99_ms": _latency_ms(out, "99"),
+        "in_postgres": rows[0],
+        "dispatched": rows[1],
+        "in_redis": in_redis,
+        # wrk stops counting at the deadline; requests still in flight then may commit without being counted.
+        "all_accounted": rows[0] >= accepted and in_redis == rows[0] and rows[1] == rows[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both modes, print the table, write JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench.submit_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=30)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--out", default="bench/results/submit.json")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="zimage-submit-bench-"))
+    database = f"postgresql+psycopg://postgres@127.0.0.1:5432/zimage_bench_{secrets.token_hex(3)}"
+    from core.admin import migrate
+
+    with SeaweedServer(work / "s3", access_key="bench", secret_key=secrets.token_urlsafe(16),
+                       bucket="bench-results") as s3:
+        base = Settings(database_url=database, s3_endpoint_url=s3.endpoint_url, s3_bucket=s3.bucket,
+                        s3_access_key_id=s3.access_key, s3_secret_access_key=s3.secret_key)
+        migrate(base)
+        try:
+            results = [run_mode(base, work, group_commit=gc, duration=args.duration, connections=args.connections)
+                       for gc in (False, True)]
+        finally:
+            drop_database(database)
+    results[1]["speedup"] = round(results[1]["req_per_s"] / results[0]["req_per_s"], 2)
+    print(f"POST /v1/jobs, {args.connections} connections, {args.duration} s, 1 uvicorn worker, this machine:")
+    print(f"{'mode':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'accepted':>9} {'in PG':>7} {'in Redis':>9}")
+    for r in results:
+        print(f"{r['mode']:<18} {r['req_per_s']:>8} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['accepted']:>9} "
+              f"{r['in_postgres']:>7} {r['in_redis']:>9}")
+    print(f"group commit / row per request: {results[1]['speedup']}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0 if all(r["all_accounted"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
