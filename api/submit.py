@@ -23,6 +23,7 @@ from api.resources import Resources
 from core import errors, queue
 from core.job_object import job_object
 from core.models import jobs
+from core.retry import is_transient
 from core.schemas import JobRequest
 from core.status import JobStatus
 from core.submission import build_job_row, request_hash
@@ -87,7 +88,12 @@ class GroupCommitter:
                 by_id = {r["id"]: r for r in created}
                 positions = await _positions(conn, list(by_id.values()))
                 await conn.commit()
-        except Exception as exc:  # nothing was committed: every request of the group answers with the error
+        except Exception as exc:  # nothing was committed
+            if len(group) > 1 and not is_transient(exc):
+                # One bad row must not fail its neighbours: commit each alone so only it gets the error.
+                for one in group:
+                    await self._flush([one])
+                return
             for _, future in group:
                 if not future.done():
                     future.set_exception(exc)

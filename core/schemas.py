@@ -131,6 +131,15 @@ class JobRequest(_Strict):
             raise ValueError(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
         return v
 
+    @field_validator("num_images")
+    @classmethod
+    def _seeds_in_range(cls, v: int, info: ValidationInfo) -> int:
+        seed = info.data.get("seed")
+        if seed is not None and seed + v - 1 > MAX_SEED:
+            # image i uses seed + i: every recorded seed must be one a client could submit again
+            raise ValueError(f"seed + num_images - 1 must be at most {MAX_SEED}")
+        return v
+
     @field_validator("mode")
     @classmethod
     def _mode_for_kind(cls, v: str | None, info: ValidationInfo) -> str | None:
