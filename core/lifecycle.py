@@ -28,6 +28,7 @@ class ClaimedJob:
     attempt: int
     max_attempts: int
     kind: str
+    group_key: str
     request: dict[str, Any]
     created_at: Any
 
@@ -80,7 +81,7 @@ UPDATE jobs SET
     updated_at = clock_timestamp()
 FROM chosen
 WHERE jobs.id = chosen.id AND jobs.status IN ({_in(JobStatus.RUNNING)})
-RETURNING jobs.id, jobs.tenant_id, jobs.attempt, jobs.max_attempts, jobs.kind, jobs.request,
+RETURNING jobs.id, jobs.tenant_id, jobs.attempt, jobs.max_attempts, jobs.kind, jobs.group_key, jobs.request,
           jobs.created_at, jobs.priority
 """
 )
@@ -119,11 +120,28 @@ def claim_batch(
             attempt=r["attempt"],
             max_attempts=r["max_attempts"],
             kind=r["kind"],
+            group_key=r["group_key"],
             request=r["request"],
             created_at=r["created_at"],
         )
         for r in rows
     ]
+
+
+_SNAPSHOT = text(
+    f"""
+SELECT coalesce(sum((request->>'num_images')::int), 0),
+       extract(epoch FROM clock_timestamp() - max(created_at)) * 1000
+FROM jobs WHERE status = '{JobStatus.QUEUED}' AND queue = :queue
+"""
+)
+
+
+def queue_snapshot(conn: Connection, queue: str) -> tuple[int, float | None]:
+    """Images queued in ``queue`` and the age in ms of its newest queued job (None when empty)."""
+    images, age_ms = conn.execute(_SNAPSHOT, {"queue": queue}).one()
+    conn.commit()
+    return int(images), None if age_ms is None else float(age_ms)
 
 
 def _fence(jobs: Sequence[ClaimedJob]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -189,6 +190,10 @@ class Worker(Base):
     pipeline_loads: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     batches_run: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     jobs_run: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    images_run: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # Seconds the accelerator spent running batches, and wall seconds since the worker was ready.
+    busy_seconds: Mapped[float] = mapped_column(Float, nullable=False, server_default="0")
+    wall_seconds: Mapped[float] = mapped_column(Float, nullable=False, server_default="0")
     ready: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
     started_at: Mapped[datetime] = _now()
     last_seen_at: Mapped[datetime] = _now()

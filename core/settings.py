@@ -45,11 +45,20 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     warmup: bool = True
+    compile_transformer: bool = False  # torch.compile the transformer (slow first batch, faster after)
+    attention_backend: str | None = None  # e.g. "flash", "_flash_3", "sage", "native"; None: diffusers' default
+    cpu_offload: bool = False  # model CPU offload for cards too small for the whole pipeline (CUDA only)
+    embedding_cache_bytes: int = Field(512 << 20, ge=0)  # prompt-embedding LRU; 0 turns it off
 
     # --- batching ---
     max_batch_images: int = Field(4, ge=1, le=64)
     # Image tokens (latent patches: (w/16)*(h/16)) one batch may hold; 1024x1024 is 4096 tokens.
     batch_token_budget: int = Field(8192, ge=256)
+    # When a batch is not full and jobs of its group are arriving right now, wait this long to fill it.
+    batch_wait_ms: int = Field(20, ge=0, le=50)
+    # One wake-up message keeps claiming batches of its queue for this long (the next batch is claimed and
+    # prepared while the current one runs); then the worker takes its next message.
+    drain_s: float = Field(30.0, ge=0)
 
     # --- job lifecycle ---
     lease_s: int = Field(300, ge=5)
@@ -77,6 +86,8 @@ class Settings(BaseSettings):
     fault_crash_marker: str | None = None
     # Extra seconds per denoising step, to make batches long enough to interrupt.
     fault_step_delay_s: float = Field(0.0, ge=0)
+    # Pipeline calls of more images than this raise an out-of-memory error (0: every call does).
+    fault_oom_above_images: int | None = Field(None, ge=0)
 
     # --- API ---
     api_base_url: str = "http://127.0.0.1:8000"
@@ -95,7 +106,8 @@ class Settings(BaseSettings):
     def _no_placeholder_secrets_in_production(self) -> Settings:
         if self.environment == "production" and self.s3_secret_access_key in _PLACEHOLDER_SECRETS:
             raise ValueError("ZIMAGE_S3_SECRET_ACCESS_KEY must be set to a real secret in production")
-        if self.environment == "production" and (self.fault_crash_marker or self.fault_step_delay_s):
+        faults = self.fault_crash_marker or self.fault_step_delay_s or self.fault_oom_above_images is not None
+        if self.environment == "production" and faults:
             raise ValueError("fault injection settings (ZIMAGE_FAULT_*) are refused in production")
         return self
 

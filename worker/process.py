@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +35,12 @@ class WorkerContext:
     db: Engine
     s3: Any
     uploads: ThreadPoolExecutor
+    # One thread that claims and prepares the next batch while the current one runs.
+    prefetch: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefetch"))
     sweeper: SweeperThread | None = None
-    stats: dict[str, int] = field(default_factory=lambda: {"batches": 0, "jobs": 0})
+    started: float = field(default_factory=time.monotonic)
+    stats: dict[str, int] = field(default_factory=lambda: {"batches": 0, "jobs": 0, "images": 0})
+    stats_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _context: WorkerContext | None = None
@@ -51,6 +56,11 @@ def request_shutdown(grace_s: float) -> None:
         log.warning("shutdown requested: the current batch has %.0f s to finish", grace_s)
 
 
+def shutdown_requested() -> bool:
+    """Whether SIGTERM arrived: take no new batch."""
+    return _shutdown_deadline is not None
+
+
 def shutdown_overdue() -> bool:
     """Whether a requested shutdown's grace period is over."""
     return _shutdown_deadline is not None and time.monotonic() > _shutdown_deadline
@@ -60,7 +70,14 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
     """Load the pipelines, warm them up, open connections, register the worker as ready."""
     global _context, _loads
     engine = InferenceEngine.from_pretrained(
-        settings.turbo_model, device=settings.device, dtype=settings.dtype
+        settings.turbo_model,
+        device=settings.device,
+        dtype=settings.dtype,
+        compile_transformer=settings.compile_transformer,
+        attention_backend=settings.attention_backend,
+        cpu_offload=settings.cpu_offload,
+        embedding_cache_bytes=settings.embedding_cache_bytes,
+        oom_above_images=settings.fault_oom_above_images,
     )
     _loads += 1
     if settings.warmup:
@@ -107,18 +124,38 @@ def get_context() -> WorkerContext:
     return _context
 
 
-def record_stats(ctx: WorkerContext, *, jobs: int) -> None:
-    """Count a finished batch on the worker's row (and mark it seen)."""
-    ctx.stats["batches"] += 1
-    ctx.stats["jobs"] += jobs
-    with ctx.db.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE workers SET batches_run = :b, jobs_run = :j, pipeline_loads = :loads,"
-                " last_seen_at = now() WHERE id = :id"
-            ),
-            {"b": ctx.stats["batches"], "j": ctx.stats["jobs"], "loads": _loads, "id": ctx.worker_id},
-        )
+def busy_fraction(ctx: WorkerContext) -> float:
+    """Fraction of wall time since the worker was ready that the accelerator spent running batches."""
+    wall = time.monotonic() - ctx.started
+    return min(1.0, ctx.engine.busy_seconds / wall) if wall > 0 else 0.0
+
+
+def record_stats(ctx: WorkerContext, *, jobs: int, images: int) -> None:
+    """Count a finished batch on the worker's row: jobs, images, accelerator-busy time (and mark it seen)."""
+    with ctx.stats_lock:
+        ctx.stats["batches"] += 1
+        ctx.stats["jobs"] += jobs
+        ctx.stats["images"] += images
+        values = {
+            "b": ctx.stats["batches"],
+            "j": ctx.stats["jobs"],
+            "i": ctx.stats["images"],
+            "busy": ctx.engine.busy_seconds,
+            "wall": time.monotonic() - ctx.started,
+            "loads": _loads,
+            "id": ctx.worker_id,
+        }
+    try:
+        with ctx.db.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE workers SET batches_run = :b, jobs_run = :j, images_run = :i, busy_seconds = :busy,"
+                    " wall_seconds = :wall, pipeline_loads = :loads, last_seen_at = now() WHERE id = :id"
+                ),
+                values,
+            )
+    except Exception as exc:  # statistics must never fail a batch
+        log.warning("could not record worker stats: %s", exc)
 
 
 def close_context() -> None:
@@ -129,6 +166,7 @@ def close_context() -> None:
         return
     if ctx.sweeper is not None:
         ctx.sweeper.stop()
+    ctx.prefetch.shutdown(wait=True)
     ctx.uploads.shutdown(wait=True)
     with ctx.db.begin() as conn:
         conn.execute(

@@ -1,43 +1,29 @@
-"""One batch from claim to record: claim compatible jobs, run them in one pipeline call, upload, record."""
+"""Running a queue: claim a batch, prepare it, run it on the accelerator, hand its results to the upload pool.
+
+While batch N runs, batch N+1 is claimed and prepared (prompts encoded, noise drawn) in another thread, and
+batch N-1's images are encoded and uploaded in the upload pool: the accelerator does not wait for Postgres, the
+text encoder's cache misses, PNG encoding or S3.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
 
-from PIL import Image
-from sqlalchemy import Connection
-
-from core import lifecycle, storage
+from core import lifecycle
 from core.lifecycle import ClaimedJob
-from core.retry import Backoff, retrying
 from core.status import ErrorCode
 from worker import process
-from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
-from worker.engine import BatchInterrupted, ImageRequest
+from worker.engine import BatchInterrupted, ImageRequest, OutOfMemory, PreparedBatch
+from worker.guard import BatchGuard
 from worker.process import WorkerContext, record_stats
+from worker.results import db_call, fail, release, store_job
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BatchReport:
-    """What one call of ``run_next_batch`` did."""
-
-    claimed: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    canceled: int = 0
-    released: int = 0
-    inference_ms: int = 0
 
 
 def image_request(job: ClaimedJob) -> ImageRequest:
@@ -54,226 +40,142 @@ def image_request(job: ClaimedJob) -> ImageRequest:
     )
 
 
-def db_call(ctx: WorkerContext, fn: Callable[[Connection], T], what: str) -> T:
-    """Run ``fn`` on a fresh connection, retrying lost connections with backoff for ``db_retry_s``."""
+@dataclass
+class Batch:
+    """Claimed jobs under one guard, prepared for the engine (or refused by it)."""
 
-    def attempt() -> T:
-        with ctx.db.connect() as conn:
-            return fn(conn)
-
-    return retrying(attempt, backoff=Backoff(deadline_s=ctx.settings.db_retry_s), what=what)
-
-
-class BatchGuard:
-    """Watches one running batch: throttled progress, lease renewal, cancel, time limit and shutdown.
-
-    It is the engine's step callback (returning True stops the batch) and runs a thread that renews the
-    leases while the batch decodes and uploads, when no step callback comes.
-    """
-
-    def __init__(self, ctx: WorkerContext, jobs: Sequence[ClaimedJob]) -> None:
-        self._ctx = ctx
-        self._jobs = list(jobs)
-        self._last_progress = time.monotonic()
-        first = jobs[0].request
-        images = sum(j.request["num_images"] for j in jobs)
-        self._deadline = time.monotonic() + ctx.settings.batch_timeout_s(images, first["steps"])
-        self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew_loop, name="lease-renewer", daemon=True)
-        self.live = {j.id for j in jobs}
-        self.reason: str | None = None  # why the batch was stopped: canceled | timeout | shutdown
-        self._crash = bool(ctx.settings.fault_crash_marker) and any(
-            ctx.settings.fault_crash_marker in j.request["prompt"] for j in jobs
-        )
-
-    def __enter__(self) -> BatchGuard:
-        self._renewer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._renewer.join(5)
-
-    def _renew_loop(self) -> None:
-        period = max(0.5, self._ctx.settings.lease_s / 3)
-        while not self._stop.wait(period):
-            try:
-                with self._ctx.db.connect() as conn:
-                    lifecycle.renew_leases(conn, self._jobs, lease_s=self._ctx.settings.lease_s)
-            except Exception as exc:  # the next renewal may work; the lease has slack for two misses
-                log.warning("lease renewal failed: %s", exc)
-
-    def __call__(self, step: int, total: int) -> bool:
-        settings = self._ctx.settings
-        if self._crash:
-            log.error("fault injection: crashing on a poison job")
-            os._exit(70)
-        if settings.fault_step_delay_s:
-            time.sleep(settings.fault_step_delay_s)
-        now = time.monotonic()
-        if now > self._deadline:
-            self.reason = "timeout"
-            return True
-        if process.shutdown_overdue():
-            self.reason = "shutdown"
-            return True
-        if now - self._last_progress < settings.progress_interval_s and step < total:
-            return False
-        self._last_progress = now
-        try:
-            with self._ctx.db.connect() as conn:
-                self.live = lifecycle.heartbeat(conn, self._jobs, step=step, lease_s=settings.lease_s)
-        except Exception as exc:  # progress is best effort; the final, fenced write is what counts
-            log.warning("progress write failed: %s", exc)
-            return False
-        if not self.live:
-            self.reason = "canceled"
-            return True
-        return False
+    jobs: list[ClaimedJob]
+    guard: BatchGuard
+    prepared: PreparedBatch | None = None
+    invalid: str | None = None  # why the engine refused the batch's input
 
 
-def run_next_batch(ctx: WorkerContext, queue: str) -> BatchReport:
-    """Claim the next batch of ``queue`` from Postgres and see it through; a no-op when nothing is queued."""
-    settings = ctx.settings
+@dataclass
+class DrainReport:
+    """What one wake-up did: batches run and how their jobs ended."""
+
+    batches: int = 0
+    ends: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain numbers (the task's return value)."""
+        return {"batches": self.batches, **self.ends}
+
+
+def claim(ctx: WorkerContext, queue: str) -> Batch | None:
+    """Claim the next batch of ``queue`` and prepare it; None when nothing is queued."""
+    s = ctx.settings
+    if s.batch_wait_ms and _filling(ctx, queue):
+        time.sleep(s.batch_wait_ms / 1000)
     jobs = db_call(
         ctx,
         lambda conn: lifecycle.claim_batch(
             conn,
             queue=queue,
             worker_id=ctx.worker_id,
-            lease_s=settings.lease_s,
-            max_images=settings.max_batch_images,
-            token_budget=settings.batch_token_budget,
+            lease_s=s.lease_s,
+            max_images=s.max_batch_images,
+            token_budget=s.batch_token_budget,
         ),
         "claim",
     )
     if not jobs:
-        return BatchReport()
-    log.info("batch of %d job(s): %s", len(jobs), ", ".join(j.id for j in jobs))
-    with BatchGuard(ctx, jobs) as guard:
-        started = time.perf_counter()
-        try:
-            images = ctx.engine.generate([image_request(j) for j in jobs], on_step=guard)
-        except BatchInterrupted:
-            return _interrupted(ctx, jobs, guard)
-        except ValueError as exc:  # the pipeline refused the input: running it again cannot help
-            return _fail(ctx, jobs, ErrorCode.INVALID_INPUT, str(exc))
-        except Exception as exc:
-            log.exception("batch failed")
-            return _fail(ctx, jobs, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        inference_ms = round((time.perf_counter() - started) * 1000)
-        live = db_call(ctx, lambda conn: lifecycle.still_running(conn, jobs), "check cancels")
-        report = _finish(ctx, jobs, images, live, inference_ms)
-    record_stats(ctx, jobs=len(jobs))
+        return None
+    batch = Batch(jobs, BatchGuard(ctx, jobs).start())
+    try:
+        batch.prepared = ctx.engine.prepare([image_request(j) for j in jobs])
+    except ValueError as exc:  # the engine refused the input: running it again cannot help
+        batch.invalid = str(exc)
+    return batch
+
+
+def _filling(ctx: WorkerContext, queue: str) -> bool:
+    """Whether a short wait would fill the next batch: too few images queued, and jobs arriving right now."""
+    images, age_ms = db_call(ctx, lambda conn: lifecycle.queue_snapshot(conn, queue), "queue snapshot")
+    return 0 < images < ctx.settings.max_batch_images and age_ms is not None and age_ms < ctx.settings.batch_wait_ms
+
+
+def run_queue(ctx: WorkerContext, queue: str) -> DrainReport:
+    """Run batches of ``queue`` for up to ``drain_s``, claiming and preparing each next batch during the current."""
+    report = DrainReport()
+    deadline = time.monotonic() + ctx.settings.drain_s
+    pending: list[Future[str]] = []
+    batch = claim(ctx, queue)
+    while batch is not None:
+        following = None
+        if time.monotonic() < deadline and not process.shutdown_requested():
+            following = ctx.prefetch.submit(claim, ctx, queue)
+        pending += run_batch(ctx, batch, report)
+        batch = following.result() if following is not None else None
+        if batch is not None and process.shutdown_requested():
+            report.ends["released"] += release(ctx, batch.jobs)
+            batch.guard.close()
+            batch = None
+    for future in pending:  # the task ends (and its message is acked) once its results are recorded
+        report.ends[future.result()] += 1
     return report
 
 
-def _interrupted(ctx: WorkerContext, jobs: Sequence[ClaimedJob], guard: BatchGuard) -> BatchReport:
-    """Settle a batch its guard stopped: timeouts fail, a shutdown gives the jobs back, cancels are done."""
-    live = [j for j in jobs if j.id in guard.live]
-    if guard.reason == "timeout":
-        limit = ctx.settings.batch_timeout_s(sum(j.request["num_images"] for j in jobs), jobs[0].request["steps"])
-        report = _fail(ctx, live, ErrorCode.TIMEOUT, f"the batch ran past its time limit of {limit:.0f} s")
-        return BatchReport(claimed=len(jobs), failed=report.failed, canceled=len(jobs) - len(live))
-    if guard.reason == "shutdown":
-        released = sum(db_call(ctx, lambda conn, j=j: lifecycle.release(conn, j), "release") for j in live)
-        log.warning("shutting down: %d job(s) returned to the queue", released)
-        return BatchReport(claimed=len(jobs), released=released, canceled=len(jobs) - len(live))
-    log.info("batch stopped: every job was canceled")
-    return BatchReport(claimed=len(jobs), canceled=len(jobs))
-
-
-def _finish(
-    ctx: WorkerContext,
-    jobs: Sequence[ClaimedJob],
-    images: Sequence[Sequence[Image.Image]],
-    live: set[str],
-    inference_ms: int,
-) -> BatchReport:
-    """Encode and upload each live job's images in the upload pool, then record each job (fenced)."""
-    pending: list[tuple[ClaimedJob, Future[tuple[list[dict[str, Any]], int]]]] = [
-        (job, ctx.uploads.submit(_upload_job, ctx, job, imgs))
-        for job, imgs in zip(jobs, images, strict=True)
-        if job.id in live
-    ]
-    succeeded = failed = released = 0
-    for job, future in pending:
-        try:
-            outputs, upload_ms = future.result()
-        except storage.StorageError as exc:
-            if exc.transient and job.attempt < job.max_attempts:
-                released += db_call(ctx, lambda conn, j=job: lifecycle.release(conn, j), "release")
-                log.warning("storing %s failed (%s); job returned to the queue", job.id, exc)
-            else:
-                failed += _fail(ctx, [job], ErrorCode.INTERNAL_ERROR, f"storing the result failed: {exc}").failed
-            continue
-        ok = db_call(
-            ctx,
-            lambda conn, j=job, o=outputs, u=upload_ms: lifecycle.record_success(
-                conn, j, outputs=o, inference_ms=inference_ms, upload_ms=u
-            ),
-            "record success",
-        )
-        if ok:
-            succeeded += 1
-        else:  # canceled (or lost its lease) while uploading: leave nothing behind
-            keys = [o["key"] for o in outputs]
-            retrying(
-                lambda k=keys: storage.delete_keys(ctx.s3, ctx.settings.s3_bucket, k),
-                backoff=Backoff(deadline_s=ctx.settings.storage_retry_s),
-                what="delete canceled outputs",
-            )
-    return BatchReport(
-        claimed=len(jobs),
-        succeeded=succeeded,
-        failed=failed,
-        canceled=len(jobs) - len(pending),
-        released=released,
-        inference_ms=inference_ms,
-    )
-
-
-def _upload_job(
-    ctx: WorkerContext, job: ClaimedJob, images: Sequence[Image.Image]
-) -> tuple[list[dict[str, Any]], int]:
-    """Encode and store one job's images; keys depend only on the job, so a re-run overwrites, never adds."""
+def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Future[str]]:
+    """Run one prepared batch; its jobs' storing and recording go to the upload pool (returned futures)."""
+    jobs, guard = batch.jobs, batch.guard
+    report.batches += 1
+    if batch.invalid is not None or batch.prepared is None:
+        report.ends["failed"] += fail(ctx, jobs, ErrorCode.INVALID_INPUT, batch.invalid or "invalid input")
+        guard.close()
+        return []
+    log.info("batch of %d job(s): %s", len(jobs), ", ".join(j.id for j in jobs))
     started = time.perf_counter()
-    r = job.request
-    fmt = r["output_format"]
-    backoff = Backoff(deadline_s=ctx.settings.storage_retry_s)
-    outputs = []
-    for index, image in enumerate(images):
-        seed = r["seed"] + index
-        data = encode_image(
-            image,
-            fmt,
-            quality=r["output_quality"],
-            text={"job_id": job.id, "prompt": r["prompt"], "seed": str(seed), "model": ctx.engine.model_id},
-        )
-        key = storage.result_key(job.tenant_id, job.id, index, EXTENSIONS[fmt])
-        sha256 = retrying(
-            lambda k=key, d=data: storage.put_object_checked(ctx.s3, ctx.settings.s3_bucket, k, d, CONTENT_TYPES[fmt]),
-            backoff=backoff,
-            what=f"upload {key}",
-        )
-        outputs.append(
-            {
-                "index": index,
-                "key": key,
-                "width": image.width,
-                "height": image.height,
-                "seed": seed,
-                "format": fmt,
-                "bytes": len(data),
-                "sha256": sha256,
-            }
-        )
-    return outputs, round((time.perf_counter() - started) * 1000)
+    try:
+        results = ctx.engine.run(batch.prepared, on_step=guard)
+    except BatchInterrupted:
+        _interrupted(ctx, batch, report)
+        guard.close()
+        return []
+    except Exception as exc:
+        log.exception("batch failed")
+        report.ends["failed"] += fail(ctx, jobs, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        guard.close()
+        return []
+    inference_ms = round((time.perf_counter() - started) * 1000)
+    futures: list[Future[str]] = []
+    for job, result in zip(jobs, results, strict=True):
+        if isinstance(result, OutOfMemory):
+            report.ends["failed"] += fail(ctx, [job], ErrorCode.OUT_OF_MEMORY, result.message)
+        else:
+            futures.append(ctx.uploads.submit(store_job, ctx, job, result, inference_ms))
+    images = sum(j.request["num_images"] for j in jobs)
+    _when_done(futures, lambda: (guard.close(), record_stats(ctx, jobs=len(jobs), images=images)))
+    return futures
 
 
-def _fail(ctx: WorkerContext, jobs: Sequence[ClaimedJob], code: ErrorCode, message: str) -> BatchReport:
-    failed = sum(
-        db_call(ctx, lambda conn, j=j: lifecycle.record_failure(conn, j, code=code, message=message), "record failure")
-        for j in jobs
-    )
-    return BatchReport(claimed=len(jobs), failed=failed)
+def _when_done(futures: list[Future[str]], then) -> None:  # type: ignore[no-untyped-def]
+    """Call ``then`` once every future is done (at once when there are none)."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[str]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            then()
+
+    if not futures:
+        then()
+    for future in futures:
+        future.add_done_callback(one_done)
+
+
+def _interrupted(ctx: WorkerContext, batch: Batch, report: DrainReport) -> None:
+    """Settle a batch its guard stopped: a timeout fails it, a shutdown gives it back, cancels are done."""
+    guard = batch.guard
+    live = [j for j in batch.jobs if j.id in guard.live]
+    report.ends["canceled"] += len(batch.jobs) - len(live)
+    if guard.reason == "timeout":
+        message = f"the batch ran past its time limit of {guard.time_limit_s:.0f} s"
+        report.ends["failed"] += fail(ctx, live, ErrorCode.TIMEOUT, message)
+    elif guard.reason == "shutdown":
+        released = release(ctx, live)
+        report.ends["released"] += released
+        log.warning("shutting down: %d job(s) returned to the queue", released)

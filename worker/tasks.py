@@ -11,21 +11,20 @@ from core.queue import TASK_RUN_BATCH
 from core.settings import get_settings
 from worker import process
 from worker.app import app
-from worker.runner import run_next_batch
+from worker.runner import run_queue
 
 log = logging.getLogger(__name__)
 
 
 @app.task(name=TASK_RUN_BATCH, bind=True)
 def run_batch(self: Any, job_id: str) -> dict[str, int]:
-    """Wake-up for ``job_id``: run the next batch of this queue (the job's own batch, or an older one).
+    """Wake-up for ``job_id``: run batches of this queue, oldest and most urgent first, for up to ``drain_s``.
 
     The message only says "there is work"; which jobs run is decided by the claim in Postgres, so a message
     whose job is already claimed, finished or canceled costs one empty claim and is acked.
     """
     queue = (self.request.delivery_info or {}).get("routing_key") or "generate"
-    report = run_next_batch(process.get_context(), queue)
-    return report.__dict__
+    return run_queue(process.get_context(), queue).as_dict()
 
 
 def _queues() -> tuple[str, ...]:

@@ -331,10 +331,6 @@ def test_a_body_of_exactly_the_limit_is_read(client: TestClient, key: str, setti
     assert r.status_code == 202, r.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: api/main.py BodyLimit only checks a declared Content-Length; a chunked body of any size is read",
-)
 def test_a_chunked_body_over_the_limit_is_413(client: TestClient, key: str, settings: Settings) -> None:
     def chunks():
         yield b'{"prompt": "x", "metadata": {"pad": "'

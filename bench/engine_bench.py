@@ -1,0 +1,343 @@
+"""The naive diffusers loop against the engine on the same jobs, on the tiny checkpoint on the CPU.
+
+Usage: ``python -m bench.engine_bench --out bench/results/engine.json`` (about 2-4 minutes on 2 cores).
+
+Naive: one ``pipe(prompt=..., num_inference_steps=8, guidance_scale=0.0, generator=...)`` call per image, as a
+user writes it. Engine: the worker's batches (same size, up to a token budget and an image cap), prompt cache,
+text padded to the longest prompt, the next batch prepared while this one runs; then each optimisation alone.
+``run_naive`` and ``run_engine`` are what the whole-service bench reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
+from PIL import Image
+
+from bench import report, workloads
+from worker.engine import Engine, ImageRequest, OutOfMemory, image_tokens, plan_batches
+from worker.engine.batching import DEFAULT_MAX_IMAGES, DEFAULT_TOKEN_BUDGET
+from worker.engine.embeddings import DEFAULT_CACHE_BYTES
+
+DEFAULT_CHECKPOINT = Path("checkpoints/tiny/turbo")
+COLUMNS = ("workload", "variant", "images", "seconds", "images/s", "s/image", "x naive", "busy %", "calls")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which engine optimisations are on."""
+
+    name: str
+    batching: bool = True
+    cache: bool = True
+    longest: bool = True
+    overlap: bool = True
+
+
+FULL = Variant("engine")
+TOGGLES = (
+    Variant("batching only", batching=True, cache=False, longest=False, overlap=False),
+    Variant("cache only", batching=False, cache=True, longest=False, overlap=False),
+    Variant("longest padding only", batching=False, cache=False, longest=True, overlap=False),
+)
+OVERLAP_ONLY = Variant("overlap only", batching=False, cache=False, longest=False, overlap=True)
+
+
+@dataclass
+class Timing:
+    """One measured run over a job set."""
+
+    images: int
+    seconds: float
+    busy_seconds: float | None = None
+    calls: int | None = None
+    peak_memory_gib: float | None = None
+    kept: list[Image.Image] = field(default_factory=list, repr=False)
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput."""
+        return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def busy_fraction(self) -> float | None:
+        """Share of the wall time the engine spent inside run() (accelerator work)."""
+        return None if self.busy_seconds is None or not self.seconds else self.busy_seconds / self.seconds
+
+    def row(self, workload: str, variant: str, naive: Timing | None) -> dict[str, Any]:
+        """A results row for the table and the JSON."""
+        busy = self.busy_fraction
+        return {
+            "workload": workload,
+            "variant": variant,
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+            "images/s": round(self.images_per_s, 3),
+            "s/image": round(self.seconds / self.images, 4) if self.images else None,
+            "x naive": round(self.images_per_s / naive.images_per_s, 2) if naive and naive.images_per_s else None,
+            "busy %": round(100 * busy, 1) if busy is not None else None,
+            "calls": self.calls,
+            "peak GiB": self.peak_memory_gib,
+        }
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued accelerator work so a timing is real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_naive(jobs: Sequence[ImageRequest], pipe: ZImagePipeline, *, keep: int = 0) -> Timing:
+    """The loop a user writes: one pipeline call per image, the model card's arguments."""
+    device = pipe._execution_device
+    kept: list[Image.Image] = []
+    images = 0
+    _sync(device)
+    started = time.perf_counter()
+    for job in jobs:
+        for seed in job.seeds:
+            image = pipe(
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                height=job.height,
+                width=job.width,
+                num_inference_steps=job.steps,
+                guidance_scale=job.guidance_scale,
+                generator=torch.Generator().manual_seed(seed),
+            ).images[0]
+            images += 1
+            if len(kept) < keep:
+                kept.append(image)
+    _sync(device)
+    return Timing(images, time.perf_counter() - started, calls=images, kept=kept)
+
+
+def worker_batches(
+    jobs: Sequence[ImageRequest], *, token_budget: int = DEFAULT_TOKEN_BUDGET, max_images: int = DEFAULT_MAX_IMAGES
+) -> list[list[ImageRequest]]:
+    """Batches as the worker claims them: in order, same size/steps/guidance, up to the budget and the cap."""
+    return plan_batches(
+        jobs,
+        key=lambda job: (job.width, job.height, job.steps, job.guidance_scale),
+        tokens=lambda job: image_tokens(job.width, job.height) * len(job.seeds),
+        images=lambda job: len(job.seeds),
+        token_budget=token_budget,
+        max_images=max_images,
+    )
+
+
+def run_engine(
+    jobs: Sequence[ImageRequest],
+    engine: Engine,
+    *,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    overlap: bool = True,
+    keep: int = 0,
+) -> Timing:
+    """The engine on worker-style batches; with ``overlap`` the next batch is prepared while one runs."""
+    batches = worker_batches(jobs, token_budget=token_budget, max_images=max_images)
+    kept: list[Image.Image] = []
+    images = 0
+    calls = 0
+    busy_before = engine.busy_seconds
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    _sync(engine.device)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        prepare: Callable[[list[ImageRequest]], Any] = engine.prepare
+        pending: Future[Any] | None = pool.submit(prepare, batches[0]) if overlap and batches else None
+        for index, batch in enumerate(batches):
+            if overlap:
+                assert pending is not None
+                prepared = pending.result()
+                pending = pool.submit(prepare, batches[index + 1]) if index + 1 < len(batches) else None
+            else:
+                prepared = engine.prepare(batch)
+            for result in engine.run(prepared):
+                if isinstance(result, OutOfMemory):
+                    raise RuntimeError(f"benchmark batch ran out of memory: {result.message}")
+                images += len(result)
+                kept.extend(result[: max(0, keep - len(kept))])
+            calls += 1
+    _sync(engine.device)
+    seconds = time.perf_counter() - started
+    peak = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2) if engine.device.type == "cuda" else None
+    return Timing(images, seconds, engine.busy_seconds - busy_before, calls, peak, kept)
+
+
+def engine_for(pipe: ZImagePipeline, variant: Variant, model_id: str = "bench") -> Engine:
+    """An engine over the shared pipeline with this variant's cache and padding (a fresh, empty cache)."""
+    return Engine(
+        pipe,
+        model_id=model_id,
+        embedding_cache_bytes=DEFAULT_CACHE_BYTES if variant.cache else 0,
+        pad_to_longest=variant.longest,
+    )
+
+
+def run_variant(
+    jobs: Sequence[ImageRequest],
+    pipe: ZImagePipeline,
+    variant: Variant,
+    *,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    keep: int = 0,
+) -> Timing:
+    """Run one engine variant on the jobs."""
+    return run_engine(
+        jobs,
+        engine_for(pipe, variant),
+        token_budget=token_budget,
+        max_images=max_images if variant.batching else 1,
+        overlap=variant.overlap,
+        keep=keep,
+    )
+
+
+def max_pixel_diff(a: Sequence[Image.Image], b: Sequence[Image.Image]) -> int | None:
+    """Largest uint8 difference between paired images (None when nothing was kept)."""
+    diffs = [
+        int(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max())
+        for x, y in zip(a, b, strict=False)
+    ]
+    return max(diffs) if diffs else None
+
+
+def warm(pipe: ZImagePipeline, size: int) -> None:
+    """One untimed naive and engine call at this size: allocator, kernels, RoPE tables."""
+    job = workloads.one_prompt(seeds=2, size=size)
+    run_naive(job[:1], pipe)
+    run_engine(job, engine_for(pipe, FULL))
+
+
+@dataclass
+class Plan:
+    """One workload of the benchmark: its jobs, and the jobs the single-optimisation variants run."""
+
+    name: str
+    jobs: list[ImageRequest]
+    toggle_jobs: list[ImageRequest]
+
+
+def measure(
+    pipe: ZImagePipeline,
+    plans: Sequence[Plan],
+    toggles: Sequence[Variant],
+    *,
+    token_budget: int,
+    max_images: int,
+    deadline: float,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Naive, engine and each toggle per workload; rows for the table and notes on anything scaled or skipped."""
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for plan in plans:
+        warm(pipe, plan.jobs[0].width)
+        naive = run_naive(plan.jobs, pipe, keep=4)
+        rows.append(naive.row(plan.name, "naive", naive))
+        log(f"{plan.name}: naive {naive.images_per_s:.2f} images/s")
+        full = run_variant(plan.jobs, pipe, FULL, token_budget=token_budget, max_images=max_images, keep=4)
+        row = full.row(plan.name, FULL.name, naive)
+        row["max pixel diff vs naive"] = max_pixel_diff(naive.kept, full.kept)
+        rows.append(row)
+        log(f"{plan.name}: engine {full.images_per_s:.2f} images/s ({row['x naive']}x naive)")
+        if len(plan.toggle_jobs) < len(plan.jobs):
+            notes.append(f"{plan.name}: single-optimisation rows ran on the first {len(plan.toggle_jobs)} jobs")
+        toggle_naive: Timing | None = naive
+        if len(plan.toggle_jobs) < len(plan.jobs):
+            # Compare a toggle with the naive loop's rate, which does not depend on the job count much.
+            toggle_naive = naive
+        for variant in toggles:
+            if time.monotonic() > deadline:
+                notes.append(f"{plan.name}: '{variant.name}' skipped to stay within the time budget")
+                continue
+            timing = run_variant(
+                plan.toggle_jobs, pipe, variant, token_budget=token_budget, max_images=max_images
+            )
+            rows.append(timing.row(plan.name, variant.name, toggle_naive))
+            log(f"{plan.name}: {variant.name} {timing.images_per_s:.2f} images/s")
+    return rows, notes
+
+
+def load_pipe(checkpoint: Path) -> ZImagePipeline:
+    """The tiny checkpoint (built if missing), loaded on the CPU in float32 as the worker loads it."""
+    from worker.tiny_checkpoint import ensure_tiny_turbo
+
+    path = ensure_tiny_turbo(checkpoint)
+    pipe = ZImagePipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: run the CPU benchmark, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench.engine_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/engine.json"))
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--jobs", type=int, default=200, help="jobs at 256x256")
+    parser.add_argument("--jobs-512", type=int, default=200, help="jobs at 512x512")
+    parser.add_argument("--toggle-jobs-512", type=int, default=64, help="jobs for the 512x512 single-optimisation rows")
+    parser.add_argument("--seeds", type=int, default=64, help="seeds of the one-prompt workload")
+    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES)
+    parser.add_argument("--budget-s", type=float, default=270.0, help="skip remaining toggles past this")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    pipe = load_pipe(args.checkpoint)
+    plans = [
+        Plan("256² mixed", workloads.mixed(args.jobs, 256), workloads.mixed(args.jobs, 256)),
+        Plan(
+            "512² mixed",
+            workloads.mixed(args.jobs_512, 512, seed=1),
+            workloads.mixed(args.jobs_512, 512, seed=1)[: args.toggle_jobs_512],
+        ),
+        Plan("256² one prompt", workloads.one_prompt(args.seeds, 256), workloads.one_prompt(args.seeds, 256)),
+    ]
+    rows, notes = measure(
+        pipe,
+        plans,
+        TOGGLES,
+        token_budget=args.token_budget,
+        max_images=args.max_images,
+        deadline=started + args.budget_s,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    elapsed = time.monotonic() - started
+    print(report.table(rows, COLUMNS))
+    for note in notes:
+        print(f"note: {note}")
+    goal = next(r for r in rows if r["workload"] == "256² mixed" and r["variant"] == "engine")["x naive"]
+    print(f"goal engine >= 1.5x naive at 256²: {goal}x ({'met' if goal >= 1.5 else 'NOT met'}); {elapsed:.0f} s in all")
+    report.write_json(
+        args.out,
+        {
+            "bench": "engine",
+            "checkpoint": "tiny random-weight Z-Image-Turbo (worker.tiny_checkpoint), CPU, float32",
+            "settings": {"token_budget": args.token_budget, "max_images": args.max_images, "steps": workloads.STEPS},
+            "rows": rows,
+            "notes": notes,
+            "goal_256_engine_over_naive": {"target": 1.5, "measured": goal},
+            "seconds": round(elapsed, 1),
+        },
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
