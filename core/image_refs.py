@@ -84,7 +84,7 @@ def _mask_mismatch(req: JobRequest, sizes: dict[str, tuple[int, int]]) -> list[d
     mask_id, image_id = req.mask.upload_id, req.input_images[0].upload_id
     if mask_id not in sizes or image_id not in sizes:
         return []  # unknown ids are reported already; URL sizes are known only to the worker
-    (mw, mh), (iw, ih) = sizes[mask_id], sizes[image_id]  # type: ignore[index]
+    (mw, mh), (iw, ih) = sizes[mask_id], sizes[image_id]
     if (mw, mh) == (iw, ih):
         return []
     message = f"the mask is {mw}x{mh} but its image (input_images.0) is {iw}x{ih}; they must match"

@@ -45,7 +45,7 @@ _CLAIM = text(
     f"""
 WITH head AS (
     SELECT id, group_key, attempt FROM jobs
-    WHERE status = 'queued' AND queue = :queue
+    WHERE status = 'queued' AND queue = :queue AND (attempt = 0 OR NOT :fresh_only)
     ORDER BY priority DESC, created_at
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -95,8 +95,13 @@ def claim_batch(
     lease_s: float,
     max_images: int,
     token_budget: int,
+    fresh_only: bool = False,
 ) -> list[ClaimedJob]:
-    """Claim the next batch of compatible queued jobs of ``queue`` (may be empty); commits."""
+    """Claim the next batch of compatible queued jobs of ``queue`` (may be empty); commits.
+
+    ``fresh_only`` skips jobs that already lost a worker (a claim made ahead of time, while another batch runs,
+    must not put them at risk again should that batch crash the worker).
+    """
     rows = (
         conn.execute(
             _CLAIM,
@@ -106,6 +111,7 @@ def claim_batch(
                 "lease_s": lease_s,
                 "max_images": max_images,
                 "token_budget": token_budget,
+                "fresh_only": fresh_only,
             },
         )
         .mappings()

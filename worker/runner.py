@@ -62,8 +62,11 @@ class DrainReport:
         return {"batches": self.batches, **self.ends}
 
 
-def claim(ctx: WorkerContext, queue: str) -> Batch | None:
-    """Claim the next batch of ``queue`` and prepare it; None when nothing is queued."""
+def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | None:
+    """Claim the next batch of ``queue`` and prepare it; None when nothing is queued.
+
+    ``ahead``: claimed while another batch runs; jobs that already lost a worker are left for a later claim.
+    """
     s = ctx.settings
     if s.batch_wait_ms and _filling(ctx, queue):
         time.sleep(s.batch_wait_ms / 1000)
@@ -76,6 +79,7 @@ def claim(ctx: WorkerContext, queue: str) -> Batch | None:
             lease_s=s.lease_s,
             max_images=s.max_batch_images,
             token_budget=s.batch_token_budget,
+            fresh_only=ahead,
         ),
         "claim",
     )
@@ -102,11 +106,15 @@ def run_queue(ctx: WorkerContext, queue: str) -> DrainReport:
     pending: list[Future[str]] = []
     batch = claim(ctx, queue)
     while batch is not None:
-        following = None
-        if time.monotonic() < deadline and not process.shutdown_requested():
-            following = ctx.prefetch.submit(claim, ctx, queue)
+        more = time.monotonic() < deadline and not process.shutdown_requested()
+        # A batch of a job that already lost a worker may crash this one too: claim nothing ahead of it.
+        suspect = any(j.attempt > 1 for j in batch.jobs)
+        following = ctx.prefetch.submit(claim, ctx, queue, ahead=True) if more and not suspect else None
         pending += run_batch(ctx, batch, report)
-        batch = following.result() if following is not None else None
+        if following is not None:
+            batch = following.result()
+        else:
+            batch = claim(ctx, queue) if more and suspect and not process.shutdown_requested() else None
         if batch is not None and process.shutdown_requested():
             report.ends["released"] += release(ctx, batch.jobs)
             batch.guard.close()

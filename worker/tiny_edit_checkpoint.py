@@ -88,12 +88,11 @@ def build_omni_pipeline(seed: int = 0) -> ZImageOmniPipeline:
         torch.manual_seed(seed + 1_000_003)
         siglip = build_siglip()
         transformer = build_omni_transformer()
-    # The ignores: diffusers annotates these with a dummy scheduler class and AutoTokenizer.
     return ZImageOmniPipeline(
         scheduler=turbo.scheduler,
         vae=turbo.vae,
         text_encoder=turbo.text_encoder,
-        tokenizer=turbo.tokenizer,  # type: ignore[arg-type]
+        tokenizer=turbo.tokenizer,
         transformer=transformer,
         siglip=siglip,
         siglip_processor=build_siglip_processor(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -17,8 +17,11 @@ from api.resources import Resources
 from core import errors, ids, storage
 from core.images import MAX_IMAGE_BYTES, ImageInfo, inspect_image
 from core.job_object import rfc3339
-from core.models import uploads
+from core.models import Upload, uploads
 from core.schemas import ErrorBody
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
@@ -71,7 +74,7 @@ async def create_upload(request: Request, res: ResourcesDep, tenant: TenantDep) 
     async with res.db.begin() as conn:
         created_at = (
             await conn.execute(
-                insert(uploads)
+                insert(Upload)
                 .values(
                     id=upload,
                     tenant_id=tenant,
@@ -82,7 +85,7 @@ async def create_upload(request: Request, res: ResourcesDep, tenant: TenantDep) 
                     bytes=info.bytes,
                     sha256=info.sha256,
                 )
-                .returning(uploads.c.created_at)
+                .returning(Upload.created_at)
             )
         ).scalar_one()
     return _upload_object(upload, info.width, info.height, info.format, info.bytes, info.sha256, created_at)
@@ -143,7 +146,7 @@ class _FileCollector:
         self._disposition = b""
         self._current: bytearray | None = None
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         """The callback table MultipartParser takes."""
         return {
             "on_part_begin": self._part_begin,

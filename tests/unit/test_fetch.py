@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import shutil
 import socket
@@ -27,7 +28,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     server: TestServer
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self.server.seen.append((self.path, self.headers.get("Host", "")))
         route = self.path.split("?", 1)[0]
         if route == "/image":
@@ -48,13 +49,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", "100")
             self.end_headers()
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 for _ in range(100):
                     self.wfile.write(b"z")
                     self.wfile.flush()
                     time.sleep(0.1)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
         elif route == "/gzip":
             self._send(200, b"\x1f\x8b compressed", {"Content-Encoding": "gzip"})
         elif route == "/missing":
@@ -71,12 +70,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        try:
+        # The client may have given up first (the timeout tests), as intended.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up first (timeout tests), as intended
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -119,21 +117,29 @@ def fresh_log(server: TestServer) -> None:
     server.seen.clear()
 
 
-@pytest.fixture
-def lookups(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """Replace this module's resolver: names map to the addresses in the returned dict; calls are counted."""
-    table: dict[str, list[str]] = {}
-    calls: list[str] = []
+class FakeResolver:
+    """Stands in for ``core.fetch.resolve``: names map to the addresses set in ``table``; calls are logged."""
 
-    def resolve(host: str, port: int) -> list[str]:
-        calls.append(host)
-        if host not in table:
+    def __init__(self) -> None:
+        self.table: dict[str, list[str]] = {}
+        self.calls: list[str] = []
+
+    def __setitem__(self, host: str, addresses: list[str]) -> None:
+        self.table[host] = addresses
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        if host not in self.table:
             raise socket.gaierror(f"test resolver: unknown host {host}")
-        return table[host]
+        return self.table[host]
 
-    monkeypatch.setattr(fetch, "resolve", resolve)
-    table["__calls__"] = calls  # read back by tests
-    return table
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> FakeResolver:
+    """Replace this module's resolver (only core.fetch's, never the socket module)."""
+    resolver = FakeResolver()
+    monkeypatch.setattr(fetch, "resolve", resolver)
+    return resolver
 
 
 def refused(url: str, *, message: str = "", **kwargs: object) -> ValidationFailed:
@@ -200,7 +206,7 @@ def test_public_addresses_are_allowed(address: str) -> None:
 
 @pytest.mark.parametrize("address", FORBIDDEN)
 def test_a_name_resolving_to_any_forbidden_class_is_refused_before_connecting(
-    address: str, lookups: dict[str, list[str]], server: TestServer
+    address: str, lookups: FakeResolver, server: TestServer
 ) -> None:
     lookups["images.example.com"] = [address]
     refused(f"https://images.example.com:{server.port}/image", message="resolves to")
@@ -223,7 +229,7 @@ def test_loopback_server_is_refused(server: TestServer) -> None:
 
 
 def test_public_looking_name_resolving_to_loopback_is_refused(
-    lookups: dict[str, list[str]], server: TestServer
+    lookups: FakeResolver, server: TestServer
 ) -> None:
     lookups["cdn.images-example.com"] = ["127.0.0.1"]
     error = refused(f"https://cdn.images-example.com:{server.port}/image", message="loopback")
@@ -231,7 +237,7 @@ def test_public_looking_name_resolving_to_loopback_is_refused(
     assert server.seen == []
 
 
-def test_one_private_answer_among_public_ones_is_enough_to_refuse(lookups: dict[str, list[str]]) -> None:
+def test_one_private_answer_among_public_ones_is_enough_to_refuse(lookups: FakeResolver) -> None:
     lookups["mixed.example.com"] = ["93.184.215.14", "127.0.0.1"]
     refused("https://mixed.example.com/image", message="loopback")
 
@@ -243,7 +249,7 @@ def test_numeric_host_spellings_are_judged_by_what_they_resolve_to(server: TestS
     assert server.seen == []
 
 
-def test_unresolvable_name_is_refused(lookups: dict[str, list[str]]) -> None:
+def test_unresolvable_name_is_refused(lookups: FakeResolver) -> None:
     refused("https://nowhere.invalid/image", message="does not resolve")
 
 
@@ -262,9 +268,9 @@ def test_unresolvable_name_is_refused(lookups: dict[str, list[str]]) -> None:
         "not a url at all",
     ],
 )
-def test_only_plain_https_urls_are_fetched(url: str, lookups: dict[str, list[str]]) -> None:
+def test_only_plain_https_urls_are_fetched(url: str, lookups: FakeResolver) -> None:
     refused(url)
-    assert lookups["__calls__"] == []  # refused before any lookup
+    assert lookups.calls == []  # refused before any lookup
 
 
 def test_precheck_needs_no_network() -> None:
@@ -293,13 +299,13 @@ def test_allow_listed_loopback_host_is_fetched_over_http(server: TestServer) -> 
 
 
 def test_allow_listed_name_connects_to_the_address_resolved_once(
-    lookups: dict[str, list[str]], server: TestServer
+    lookups: FakeResolver, server: TestServer
 ) -> None:
     # images.test is not in any real DNS: the request can only arrive if it went to the pinned address.
     lookups["images.test"] = ["127.0.0.1"]
     got = fetch_url(f"http://images.test:{server.port}/image", field=FIELD, allow_hosts=["images.test"])
     assert got.data == BODY
-    assert lookups["__calls__"] == ["images.test"]
+    assert lookups.calls == ["images.test"]
     assert server.seen == [("/image", f"images.test:{server.port}")]  # the name kept in the Host header
 
 
@@ -315,7 +321,7 @@ def test_redirect_from_an_allowed_host_to_a_private_address_is_refused(server: T
 
 
 def test_redirect_to_a_name_resolving_to_a_private_address_is_refused(
-    lookups: dict[str, list[str]], server: TestServer
+    lookups: FakeResolver, server: TestServer
 ) -> None:
     lookups["images.test"] = ["127.0.0.1"]
     lookups["internal.example.com"] = ["192.168.1.20"]
@@ -402,7 +408,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestS
 
 
 def test_https_goes_to_the_pinned_address_with_sni_and_certificate_of_the_name(
-    tls_server: tuple[TestServer, Path], lookups: dict[str, list[str]]
+    tls_server: tuple[TestServer, Path], lookups: FakeResolver
 ) -> None:
     server, cert = tls_server
     trust = ssl.create_default_context(cafile=str(cert))

@@ -76,6 +76,14 @@ def test_plan_calls_splits_buckets_only_when_each_call_stays_full() -> None:
     assert plan_calls([64, 32], 1024, 0) == [[1], [0]]
 
 
+def test_plan_calls_keeps_long_captions_apart_at_small_sizes() -> None:
+    # The tiny model on 2 cores (dim 64, saturated from 512 token equivalents) at 256^2: a 256-token caption
+    # would double a short one's sequence, so buckets mostly run apart; the real model on an H100 merges more.
+    buckets = [32] * 8 + [64] * 4 + [96] * 2 + [192, 256]
+    assert plan_calls(buckets, 256, 512, model_dim=64) == [list(range(8)), [8, 9, 10, 11], [12, 13], [14], [15]]
+    assert plan_calls(buckets, 256, 4096, model_dim=3840) == [list(range(12)), [12, 13, 14, 15]]
+
+
 def test_halves() -> None:
     assert halves([1, 2, 3]) == ([1, 2], [3])
     assert halves([1, 2]) == ([1], [2])
@@ -87,15 +95,26 @@ def test_one_bucket_runs_without_an_attention_mask(engine: Engine, masks: list[b
     engine.generate([request(EN_SHORT, (1, 2)), request(ZH, (3,))])
     assert masks == [False, False]
     masks.clear()
-    # Guards it: buckets 32 and 320 in one small call need a mask.
+    # Buckets 32 and 320 run as two calls here, each without a mask ...
     engine.generate([request(EN_SHORT, (1,)), request(EN_300, (2,))])
-    assert masks == [True, True]
+    assert masks == [False] * 4
 
 
-def test_split_and_merged_buckets_give_the_same_images(
-    tiny_turbo_dir: Path, engine: Engine, reference: ZImagePipeline
-) -> None:
+def test_merged_buckets_need_a_mask(tiny_turbo_dir: Path) -> None:
+    # ... and the guard: sharing one call, they need one.
+    merging = Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32", min_call_tokens=10**9)
+    seen: list[bool] = []
+    handle = merging.pipe.transformer.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[1] is not None)
+    )
+    merging.generate([request(EN_SHORT, (1,)), request(EN_300, (2,))])
+    handle.remove()
+    assert seen == [True, True]
+
+
+def test_split_and_merged_buckets_give_the_same_images(tiny_turbo_dir: Path, reference: ZImagePipeline) -> None:
     splitting = Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32", min_call_tokens=0)
+    merging = Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32", min_call_tokens=10**9)
     requests = [request(EN_SHORT, (1, 2)), request(EN_300, (3,)), request(ZH, (4,)), request(EN_LONG, (5,))]
     passes: list[bool] = []
     handle = splitting.pipe.transformer.layers[0].register_forward_pre_hook(
@@ -105,7 +124,7 @@ def test_split_and_merged_buckets_give_the_same_images(
     handle.remove()
     # Three buckets (32, 64, 320): three calls of two steps, none masked.
     assert passes == [False] * 6
-    merged = engine.generate(requests)
+    merged = merging.generate(requests)
     for req, a, b in zip(requests, split, merged, strict=True):
         for seed, x, y in zip(req.seeds, images_of(a), images_of(b), strict=True):
             assert diff(x, y) <= TOLERANCE

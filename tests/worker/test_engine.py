@@ -88,7 +88,8 @@ def diff(a: Image.Image, b: Image.Image) -> int:
 def test_batch_equals_single_calls(engine: Engine, reference: ZImagePipeline, passes: list[int]) -> None:
     requests = [request(EN_SHORT, (11, 12)), request(EN_LONG, (13,)), request(ZH, (14, 15))]
     batches = engine.generate(requests)
-    assert passes[0] == 2  # every request in ONE pipeline call: one pass per step, not per image
+    # One pipeline call per caption bucket (32: EN_SHORT and ZH; 64: EN_LONG), one pass per step: not per image.
+    assert passes[0] == 2 * 2
     assert [len(images) for images in batches] == [2, 1, 2]
     for req, images in zip(requests, batches, strict=True):
         for seed, image in zip(req.seeds, images, strict=True):

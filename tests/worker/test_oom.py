@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 
-from tests.worker.test_engine import EN_300, EN_LONG, EN_SHORT, TOLERANCE, ZH, diff, images_of, request, single
+from tests.worker.test_engine import EN_LONG, EN_SHORT, TOLERANCE, ZH, diff, images_of, request, single
 from worker.engine import Engine, OutOfMemory
 
 
@@ -42,7 +42,9 @@ def test_a_batch_of_four_splits_into_halves_and_matches_single_calls(
 ) -> None:
     engine = engine_with(tiny_turbo_dir, oom_above_images=2)
     calls = CallSizes(engine)
-    requests = [request(EN_SHORT, (1,)), request(ZH, (2,)), request(EN_LONG, (3,)), request(EN_300, (4,))]
+    # Four short captions (one bucket), so the engine plans them as ONE call of four.
+    requests = [request(EN_SHORT, (1,)), request(ZH, (2,)), request("a dog", (3,)), request("一只猫", (4,))]
+    assert len({engine.caption_bucket(r.prompt) for r in requests}) == 1
     results = engine.generate(requests)
     # The call of 4 raised before running; its halves of 2 ran, two passes each.
     assert calls.sizes == [2, 2, 2, 2]

@@ -25,6 +25,11 @@ def decode_latents(
         for start in range(0, latents.shape[0], chunk):
             z = latents[start : start + chunk].to(vae.dtype)  # type: ignore[arg-type]
             z = (z / scale) + shift
+            if z.device.type == "cpu":
+                # oneDNN runs the decoder's convolutions about 20% faster on channels-last input (measured on
+                # 2 cores; the result moves by under 1e-4). Only the input: the shared VAE module is untouched,
+                # and on a GPU the bf16 kernels (and their rounding) stay those of the plain pipeline.
+                z = z.contiguous(memory_format=torch.channels_last)
             image = vae.decode(z, return_dict=False)[0]  # type: ignore[operator]
             # VaeImageProcessor.postprocess: denormalize in the VAE's dtype, then float32, x255, round, uint8 --
             # done here on the device so only uint8 crosses to the host.

@@ -33,10 +33,11 @@ EditMode = Literal["instruct", "img2img", "inpaint"]
 StepCallback = Callable[[int, int], bool]
 
 MAX_CONDITION_IMAGES = 3
-# ZImageOmniPipeline crops each condition image down to multiples of 16 px and gives the rest to the VAE and
-# SigLIP unchecked: a side under 16 px becomes an empty tensor, a sliver thousands of pixels long a huge one.
-MIN_CONDITION_SIDE = 32
-MAX_CONDITION_ASPECT = 8.0
+LATENT_MULTIPLE = 16  # output sides: VAE factor 8 times transformer patch 2 (every Z-Image checkpoint)
+# ZImageOmniPipeline refuses condition images under 64 px a side or beyond 8:1 (Flux2ImageProcessor
+# .check_image_input): such inputs are cropped to 8:1 and scaled up to 64 px here instead of failing the job.
+MIN_CONDITION_SIDE = 64
+MAX_CONDITION_ASPECT = 8
 # ZImageOmniPipeline.prepare_image_latents calls ``vae.encode(image.bfloat16())``: its VAE must be bf16.
 OMNI_VAE_DTYPE = torch.bfloat16
 # Config keys that differ between two saves of the same weights.
@@ -83,34 +84,52 @@ def denoising_steps(steps: int, strength: float) -> int:
 
 
 class EditEngine:
-    """Runs edit requests on pipelines that share the loaded Turbo pipeline's modules."""
+    """Runs edit requests on pipelines that share the loaded Turbo pipeline's modules.
+
+    ``turbo_pipe`` may be None on a worker that serves instruct edits only: img2img and inpaint are then
+    unavailable and the edit model loads every component from its own checkpoint.
+    """
 
     def __init__(
         self,
-        turbo_pipe: ZImagePipeline,
+        turbo_pipe: ZImagePipeline | None,
         *,
         edit_model: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if turbo_pipe is None and not edit_model:
+            raise ValueError("an EditEngine needs the Turbo pipeline, an edit model, or both")
         self.turbo = turbo_pipe
-        self.device = torch.device(device) if device is not None else turbo_pipe._execution_device
-        self.dtype = dtype or turbo_pipe.transformer.dtype
+        default_device = turbo_pipe._execution_device if turbo_pipe is not None else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else default_device
+        self.dtype = dtype or (turbo_pipe.transformer.dtype if turbo_pipe is not None else torch.bfloat16)
         self.edit_model = edit_model
-        self.img2img = ZImageImg2ImgPipeline(**_turbo_components(turbo_pipe))
-        self.inpaint = ZImageInpaintPipeline(**_turbo_components(turbo_pipe))
-        for pipe in (self.img2img, self.inpaint):
-            pipe.set_progress_bar_config(disable=True)
+        self.img2img: ZImageImg2ImgPipeline | None = None
+        self.inpaint: ZImageInpaintPipeline | None = None
+        if turbo_pipe is not None:
+            self.img2img = ZImageImg2ImgPipeline(**_turbo_components(turbo_pipe))
+            self.inpaint = ZImageInpaintPipeline(**_turbo_components(turbo_pipe))
+            for pipe in (self.img2img, self.inpaint):
+                pipe.set_progress_bar_config(disable=True)
         self.omni: ZImageOmniPipeline | None = None
         # Which Omni components are Turbo's own objects ({"text_encoder": True, "vae": False}, ...).
         self.shared: dict[str, bool] = {}
         if edit_model:
             self.omni, self.shared = load_omni(edit_model, turbo_pipe, device=self.device, dtype=self.dtype)
 
+    @property
+    def modes(self) -> frozenset[str]:
+        """The edit modes this engine can run."""
+        modes = {"img2img", "inpaint"} if self.turbo is not None else set()
+        return frozenset(modes | ({"instruct"} if self.omni is not None else set()))
+
     def warmup(self) -> None:
         """Run one tiny call per loaded edit pipeline so the first real batch does not pay for setup."""
         gray = Image.new("RGB", (256, 256), (128, 128, 128))
-        requests = [EditRequest("img2img", "warmup", (gray,), None, 256, 256, 1, 0.0, 1.0, (0,))]
+        requests = []
+        if self.turbo is not None:
+            requests.append(EditRequest("img2img", "warmup", (gray,), None, 256, 256, 1, 0.0, 1.0, (0,)))
         if self.omni is not None:
             requests.append(EditRequest("instruct", "warmup", (gray,), None, 256, 256, 1, 0.0, 1.0, (0,)))
         self.edit(requests)
@@ -145,7 +164,7 @@ class EditEngine:
 
     def _check(self, request: EditRequest) -> None:
         """Refuse a request no pipeline call can serve, before any call runs."""
-        multiple = self.turbo.vae_scale_factor * 2
+        multiple = LATENT_MULTIPLE
         if request.width <= 0 or request.height <= 0 or request.width % multiple or request.height % multiple:
             raise ValueError(f"width and height must be positive multiples of {multiple}")
         if not request.seeds:
@@ -160,6 +179,8 @@ class EditEngine:
             if self.omni is None:
                 raise ValueError("instruct edits need an edit model: set ZIMAGE_EDIT_MODEL")
         elif request.mode in ("img2img", "inpaint"):
+            if self.img2img is None:
+                raise ValueError(f"{request.mode} edits need the Turbo pipeline on this worker")
             if len(request.images) != 1:
                 raise ValueError(f"{request.mode} takes exactly one image, got {len(request.images)}")
             if not 0.0 <= request.strength <= 1.0:
@@ -173,6 +194,7 @@ class EditEngine:
         """One img2img or inpaint call for requests sharing mode, size, steps, strength and guidance."""
         first = requests[0]
         pipe = self.inpaint if mode == "inpaint" else self.img2img
+        assert pipe is not None  # _check refused img2img / inpaint without Turbo
         # The pipelines encode the image at its own size and noise latents of the requested size: they must
         # agree, so every image is fitted (scaled and centre-cropped, never stretched) to the output size.
         # Each output image gets its own copy of its request's inputs, so the batch is one tensor.
@@ -181,13 +203,7 @@ class EditEngine:
         }
         if mode == "inpaint":
             kwargs["mask_image"] = [_fit_mask(r.mask, r.width, r.height) for r in requests for _ in r.seeds]
-        return self._call(
-            pipe,
-            requests,
-            progress,
-            strength=first.strength,
-            **kwargs,
-        )
+        return self._call(pipe, requests, progress, strength=first.strength, **kwargs)
 
     def _instruct(self, request: EditRequest, progress: _Progress) -> list[Image.Image]:
         """One ZImageOmniPipeline call for one request; its images share the condition images."""
@@ -280,7 +296,7 @@ def _decode(pipe: Any, latents: torch.Tensor) -> Image.Image:
     latents = latents.unsqueeze(0).to(pipe.vae.dtype)
     latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
     image = pipe.vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]  # type: ignore[no-any-return]
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def _turbo_components(turbo: ZImagePipeline) -> dict[str, Any]:
@@ -309,7 +325,7 @@ def _fit_mask(mask: Image.Image | None, width: int, height: int) -> Image.Image:
 
 
 def _condition_image(image: Image.Image) -> Image.Image:
-    """An instruct condition image as RGB, cropped to at most 8:1 and at least 32 px a side."""
+    """An instruct condition image as RGB, centre-cropped to at most 8:1 and scaled up to 64 px a side."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     width, height = image.size
     if max(width, height) > MAX_CONDITION_ASPECT * min(width, height):
@@ -325,13 +341,16 @@ def _condition_image(image: Image.Image) -> Image.Image:
 
 
 def load_omni(
-    model: str, turbo: ZImagePipeline, *, device: torch.device, dtype: torch.dtype
+    model: str, turbo: ZImagePipeline | None, *, device: torch.device, dtype: torch.dtype
 ) -> tuple[ZImageOmniPipeline, dict[str, bool]]:
     """Load ZImageOmniPipeline from ``model`` (hub id or folder), reusing Turbo's text encoder and VAE if equal."""
     folder = Path(model) if Path(model).is_dir() else Path(ZImageOmniPipeline.download(model))
     reuse: dict[str, Any] = {}
-    wanted = {"text_encoder": (turbo.text_encoder, dtype), "vae": (turbo.vae, OMNI_VAE_DTYPE)}
-    for name, (module, needed_dtype) in wanted.items():
+    wanted = {"text_encoder": dtype, "vae": OMNI_VAE_DTYPE}
+    for name, needed_dtype in wanted.items():
+        if turbo is None:
+            break
+        module = getattr(turbo, name)
         if not (folder / name).is_dir():
             # A transformer-only release relies on the base model's component: Turbo's is the one it has.
             log.info("edit model %s has no %s: using Turbo's", model, name)
@@ -349,7 +368,7 @@ def load_omni(
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    shared = {name: getattr(pipe, name) is getattr(turbo, name) for name in wanted}
+    shared = {name: turbo is not None and getattr(pipe, name) is getattr(turbo, name) for name in wanted}
     log.info("loaded edit model %s; shared with Turbo: %s", model, shared)
     return pipe, shared
 

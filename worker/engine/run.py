@@ -20,7 +20,14 @@ import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
-from worker.engine.batching import DEFAULT_MIN_CALL_TOKENS, caption_bucket, distinct, halves, image_tokens, plan_calls
+from worker.engine.batching import (
+    caption_bucket,
+    default_min_call_tokens,
+    distinct,
+    halves,
+    image_tokens,
+    plan_calls,
+)
 from worker.engine.decode import DEFAULT_DECODE_PIXELS, decode_latents
 from worker.engine.embeddings import DEFAULT_CACHE_BYTES, EmbeddingCache, PromptEncoder
 from worker.engine.oom import OutOfMemory, check_injected, free_memory, short_message
@@ -97,7 +104,7 @@ class Engine:
         embedding_cache_bytes: int = DEFAULT_CACHE_BYTES,
         embedding_cache: EmbeddingCache | None = None,
         pad_to_longest: bool = True,
-        min_call_tokens: int = DEFAULT_MIN_CALL_TOKENS,
+        min_call_tokens: int | None = None,
         decode_pixels: int = DEFAULT_DECODE_PIXELS,
         oom_above_images: int | None = None,
         cpu_offload: bool = False,
@@ -112,11 +119,13 @@ class Engine:
         self.model_id = model_id
         self.load_count = 0
         self.busy_seconds = 0.0  # wall seconds inside run()'s accelerator work, synchronized on CUDA
-        self.min_call_tokens = min_call_tokens
-        self.decode_pixels = decode_pixels
-        self.oom_above_images = oom_above_images
         # Looked up once: the pipeline's property walks every module on each access.
         self._device: torch.device = pipe._execution_device
+        self.min_call_tokens = (
+            default_min_call_tokens(self._device.type) if min_call_tokens is None else min_call_tokens
+        )
+        self.decode_pixels = decode_pixels
+        self.oom_above_images = oom_above_images
         if embedding_cache is None and embedding_cache_bytes > 0:
             embedding_cache = EmbeddingCache(embedding_cache_bytes)
         self.embedding_cache = embedding_cache
@@ -146,7 +155,7 @@ class Engine:
         cpu_offload: bool = False,
         embedding_cache_bytes: int = DEFAULT_CACHE_BYTES,
         pad_to_longest: bool = True,
-        min_call_tokens: int = DEFAULT_MIN_CALL_TOKENS,
+        min_call_tokens: int | None = None,
         decode_pixels: int = DEFAULT_DECODE_PIXELS,
         oom_above_images: int | None = None,
     ) -> Engine:
@@ -259,10 +268,14 @@ class Engine:
     ) -> tuple[dict[int, Image.Image], dict[int, str]]:
         """Run the batch's pipeline calls; returns images by image index and failures by request index."""
         # Caption buckets: one call per bucket needs no attention mask and no padding tokens, but only pays
-        # when each call still fills the accelerator; small buckets share a (masked) call. Either way each
-        # image equals its single call: padding is masked out and the per-caption 32-padding is the model's own.
+        # when each call still fills the accelerator; small neighbouring buckets share a (masked) call. Either
+        # way each image equals its single call: padding is masked out, and the per-caption padding to 32 is the
+        # model's own (learned pad token, unmasked), the same in every batch.
         calls = plan_calls(
-            [item.bucket for item in prepared.images], image_tokens(shape.width, shape.height), self.min_call_tokens
+            [item.bucket for item in prepared.images],
+            image_tokens(shape.width, shape.height),
+            self.min_call_tokens,
+            self.pipe.transformer.config.dim,
         )
         progress = BatchProgress(on_step, shape.steps, len(calls))
         images: dict[int, Image.Image] = {}
@@ -375,12 +388,12 @@ class Engine:
 
 
 def check_engine_options(
-    *, embedding_cache_bytes: int, min_call_tokens: int, decode_pixels: int, oom_above_images: int | None
+    *, embedding_cache_bytes: int, min_call_tokens: int | None, decode_pixels: int, oom_above_images: int | None
 ) -> None:
     """Reject bad engine options with a ValueError that names the option."""
     for name, value, low in (
         ("embedding_cache_bytes", embedding_cache_bytes, 0),
-        ("min_call_tokens", min_call_tokens, 0),
+        ("min_call_tokens", 0 if min_call_tokens is None else min_call_tokens, 0),
         ("decode_pixels", decode_pixels, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
