@@ -14,11 +14,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import errors
 from api.auth import KeyCache
 from api.resources import Resources
-from api.routes import health, jobs
+from api.routes import health, jobs, uploads
 from api.submit import GroupCommitter
 from core import storage
 from core.db import make_async_engine, make_engine
 from core.errors import PayloadTooLarge
+from core.images import MAX_IMAGE_BYTES
 from core.settings import Settings, get_settings
 from core.sweeper import SweeperThread
 
@@ -32,17 +33,19 @@ class BodyLimit:
     """Refuses a body over the limit (413): at once when its declared length is, else as soon as the bytes
     streamed in (a chunked body) pass it, before any more is read."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope["path"], self.max_bytes)
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = errors.error_response(413, "payload_too_large", f"the body is over {self.max_bytes} bytes")
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                response = errors.error_response(413, "payload_too_large", f"the body is over {limit} bytes")
                 await response(scope, receive, send)
                 return
         received = 0
@@ -53,9 +56,9 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     too_large = True
-                    raise PayloadTooLarge(f"the body is over {self.max_bytes} bytes")
+                    raise PayloadTooLarge(f"the body is over {limit} bytes")
             return message
 
         async def answer(message: Message) -> None:
@@ -63,7 +66,7 @@ class BodyLimit:
             if not too_large:
                 await send(message)
             elif message["type"] == "http.response.start":
-                response = errors.error_response(413, "payload_too_large", f"the body is over {self.max_bytes} bytes")
+                response = errors.error_response(413, "payload_too_large", f"the body is over {limit} bytes")
                 await response(scope, receive, send)
 
         await self.app(scope, limited, answer)
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             # readiness must answer fast: one attempt, short timeouts
             s3=storage.make_s3_client(settings, timeout_s=2.0, attempts=1),
             s3_presign=storage.make_s3_client(settings, public=True),
+            s3_data=storage.make_s3_client(settings),
             keys=KeyCache(db),
         )
         if run_sweeper:
@@ -114,6 +118,9 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(uploads.router)
+    # Uploads carry images up to 20 MiB (their route streams with its own hard cap); JSON bodies stay small.
+    upload_limit = MAX_IMAGE_BYTES + uploads.MULTIPART_OVERHEAD
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/uploads": upload_limit})
 
     return app

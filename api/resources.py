@@ -23,8 +23,9 @@ class Resources:
     settings: Settings
     db: AsyncEngine
     redis: aioredis.Redis
-    s3: Any
-    s3_presign: Any
+    s3: Any  # readiness probe: one attempt, short timeouts
+    s3_presign: Any  # presigned URLs: the endpoint clients reach
+    s3_data: Any  # uploads: retries and timeouts fit for 20 MiB
     keys: KeyCache
     sync_db: Engine | None = None
     sweeper: SweeperThread | None = None

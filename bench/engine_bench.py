@@ -33,6 +33,14 @@ DEFAULT_CHECKPOINT = Path("checkpoints/tiny/turbo")
 COLUMNS = ("workload", "variant", "images", "seconds", "images/s", "s/image", "x naive", "busy %", "calls")
 
 
+ImageKey = tuple[str, int, int, int]
+
+
+def image_key(job: ImageRequest, seed: int) -> ImageKey:
+    """What identifies one output image across runs: prompt, size and seed."""
+    return (job.prompt, job.width, job.height, seed)
+
+
 @dataclass(frozen=True)
 class Variant:
     """Which engine optimisations are on."""
@@ -62,7 +70,7 @@ class Timing:
     busy_seconds: float | None = None
     calls: int | None = None
     peak_memory_gib: float | None = None
-    kept: list[Image.Image] = field(default_factory=list, repr=False)
+    kept: dict[ImageKey, Image.Image] = field(default_factory=dict, repr=False)  # a few images, to compare
 
     @property
     def images_per_s(self) -> float:
@@ -97,11 +105,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _peak_gib(device: torch.device) -> float | None:
+    """Peak accelerator memory allocated since the last reset, in GiB (None off CUDA)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
 def run_naive(jobs: Sequence[ImageRequest], pipe: ZImagePipeline, *, keep: int = 0) -> Timing:
     """The loop a user writes: one pipeline call per image, the model card's arguments."""
     device = pipe._execution_device
-    kept: list[Image.Image] = []
+    kept: dict[ImageKey, Image.Image] = {}
     images = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     started = time.perf_counter()
     for job in jobs:
@@ -117,9 +132,10 @@ def run_naive(jobs: Sequence[ImageRequest], pipe: ZImagePipeline, *, keep: int =
             ).images[0]
             images += 1
             if len(kept) < keep:
-                kept.append(image)
+                kept[image_key(job, seed)] = image
     _sync(device)
-    return Timing(images, time.perf_counter() - started, calls=images, kept=kept)
+    seconds = time.perf_counter() - started
+    return Timing(images, seconds, calls=images, peak_memory_gib=_peak_gib(device), kept=kept)
 
 
 def worker_batches(
@@ -147,7 +163,8 @@ def run_engine(
 ) -> Timing:
     """The engine on worker-style batches; with ``overlap`` the next batch is prepared while one runs."""
     batches = worker_batches(jobs, token_budget=token_budget, max_images=max_images)
-    kept: list[Image.Image] = []
+    wanted = {image_key(job, seed) for job in jobs[:keep] for seed in job.seeds}
+    kept: dict[ImageKey, Image.Image] = {}
     images = 0
     calls = 0
     busy_before = engine.busy_seconds
@@ -165,16 +182,17 @@ def run_engine(
                 pending = pool.submit(prepare, batches[index + 1]) if index + 1 < len(batches) else None
             else:
                 prepared = engine.prepare(batch)
-            for result in engine.run(prepared):
+            for job, result in zip(batch, engine.run(prepared), strict=True):
                 if isinstance(result, OutOfMemory):
                     raise RuntimeError(f"benchmark batch ran out of memory: {result.message}")
                 images += len(result)
-                kept.extend(result[: max(0, keep - len(kept))])
+                for seed, image in zip(job.seeds, result, strict=True):
+                    if image_key(job, seed) in wanted:
+                        kept[image_key(job, seed)] = image
             calls += 1
     _sync(engine.device)
     seconds = time.perf_counter() - started
-    peak = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2) if engine.device.type == "cuda" else None
-    return Timing(images, seconds, engine.busy_seconds - busy_before, calls, peak, kept)
+    return Timing(images, seconds, engine.busy_seconds - busy_before, calls, _peak_gib(engine.device), kept)
 
 
 def engine_for(pipe: ZImagePipeline, variant: Variant, model_id: str = "bench") -> Engine:
@@ -207,11 +225,11 @@ def run_variant(
     )
 
 
-def max_pixel_diff(a: Sequence[Image.Image], b: Sequence[Image.Image]) -> int | None:
-    """Largest uint8 difference between paired images (None when nothing was kept)."""
+def max_pixel_diff(a: dict[ImageKey, Image.Image], b: dict[ImageKey, Image.Image]) -> int | None:
+    """Largest uint8 difference between the images both runs kept for the same job and seed."""
     diffs = [
-        int(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max())
-        for x, y in zip(a, b, strict=False)
+        int(np.abs(np.asarray(a[key], dtype=np.int16) - np.asarray(b[key], dtype=np.int16)).max())
+        for key in a.keys() & b.keys()
     ]
     return max(diffs) if diffs else None
 
@@ -248,7 +266,9 @@ class Tally:
         t.calls = (t.calls or 0) + (part.calls or 0)
         if part.peak_memory_gib is not None:
             t.peak_memory_gib = max(t.peak_memory_gib or 0.0, part.peak_memory_gib)
-        t.kept.extend(part.kept[: max(0, 4 - len(t.kept))])
+        for key, image in part.kept.items():
+            if len(t.kept) < 4:
+                t.kept[key] = image
 
 
 def measure(

@@ -218,11 +218,8 @@ def _pinned_request(
     if remaining <= 0:
         raise _refused(field, "took too long (redirects)")
     host = url.raw_host.decode("ascii")
-    host_header = host if url.port is None else f"{host}:{url.port}"
-    if ":" in host and url.port is not None:  # an IPv6 literal
-        host_header = f"[{host}]:{url.port}"
-    elif ":" in host:
-        host_header = f"[{host}]"
+    name = f"[{host}]" if ":" in host else host  # an IPv6 literal is bracketed in a Host header
+    host_header = name if url.port is None else f"{name}:{url.port}"
     extensions: dict[str, object] = {}
     if url.scheme == "https" and not _is_ip(host):
         # httpcore hands this to the TLS layer as server_hostname: SNI and certificate checks use the name

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     cpu_offload: bool = False  # model CPU offload for cards too small for the whole pipeline (CUDA only)
     embedding_cache_bytes: int = Field(512 << 20, ge=0)  # prompt-embedding LRU; 0 turns it off
 
+    # --- image inputs of edit jobs fetched from URLs ---
+    # Hosts the fetcher may reach even when they resolve to private addresses ("name", "*.domain" or an IP).
+    fetch_allow_hosts: list[str] = Field(default_factory=list)
+    fetch_timeout_s: float = Field(10.0, gt=0, le=120)
+    fetch_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    fetch_max_redirects: int = Field(3, ge=0, le=10)
+
     # --- batching ---
     max_batch_images: int = Field(4, ge=1, le=64)
     # Image tokens (latent patches: (w/16)*(h/16)) one batch may hold; 1024x1024 is 4096 tokens.

@@ -212,6 +212,16 @@ def delete_keys(client: S3Client, bucket: str, keys: Iterable[str]) -> None:
             )
 
 
+def get_object_bytes(client: S3Client, bucket: str, key: str, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of an object (refused past ``max_bytes`` when given)."""
+    with _translated(f"get {key}"):
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise StorageError(f"object {key} is over {max_bytes} bytes", transient=False)
+    return bytes(data)
+
+
 def object_sha256(client: S3Client, bucket: str, key: str) -> str:
     """Download the object and return its hex SHA-256."""
     hasher = hashlib.sha256()

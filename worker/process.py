@@ -20,6 +20,7 @@ from core.db import make_engine
 from core.settings import Settings
 from core.sweeper import SweeperThread
 from worker.engine import Engine as InferenceEngine
+from worker.engine.edit import EditEngine
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class WorkerContext:
     worker_id: str
     queues: tuple[str, ...]
     engine: InferenceEngine
+    edit_engine: EditEngine
     db: Engine
     s3: Any
     uploads: ThreadPoolExecutor
@@ -39,6 +41,7 @@ class WorkerContext:
     prefetch: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefetch"))
     sweeper: SweeperThread | None = None
     started: float = field(default_factory=time.monotonic)
+    busy_base: float = 0.0  # accelerator seconds spent before the worker was ready (warm-up)
     stats: dict[str, int] = field(default_factory=lambda: {"batches": 0, "jobs": 0, "images": 0})
     stats_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -80,8 +83,14 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         oom_above_images=settings.fault_oom_above_images,
     )
     _loads += 1
+    # img2img and inpaint reuse the Turbo modules; instruct loads the Edit checkpoint when this worker serves it.
+    edit_model = settings.edit_model if "edit" in queues else None
+    edit_engine = EditEngine(
+        engine.pipe, edit_model=edit_model, device=engine.device, dtype=engine.pipe.transformer.dtype
+    )
     if settings.warmup:
         engine.warmup()
+        edit_engine.warmup()
     db = make_engine(settings, pool_size=2)
     s3 = storage.make_s3_client(settings)
     storage.ensure_bucket(s3, settings.s3_bucket)
@@ -91,9 +100,11 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         worker_id=worker_id,
         queues=queues,
         engine=engine,
+        edit_engine=edit_engine,
         db=db,
         s3=s3,
         uploads=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
+        busy_base=engine.busy_seconds,
     )
     with db.begin() as conn:
         conn.execute(
@@ -127,7 +138,7 @@ def get_context() -> WorkerContext:
 def busy_fraction(ctx: WorkerContext) -> float:
     """Fraction of wall time since the worker was ready that the accelerator spent running batches."""
     wall = time.monotonic() - ctx.started
-    return min(1.0, ctx.engine.busy_seconds / wall) if wall > 0 else 0.0
+    return min(1.0, (ctx.engine.busy_seconds - ctx.busy_base) / wall) if wall > 0 else 0.0
 
 
 def record_stats(ctx: WorkerContext, *, jobs: int, images: int) -> None:
@@ -140,7 +151,7 @@ def record_stats(ctx: WorkerContext, *, jobs: int, images: int) -> None:
             "b": ctx.stats["batches"],
             "j": ctx.stats["jobs"],
             "i": ctx.stats["images"],
-            "busy": ctx.engine.busy_seconds,
+            "busy": ctx.engine.busy_seconds - ctx.busy_base,
             "wall": time.monotonic() - ctx.started,
             "loads": _loads,
             "id": ctx.worker_id,

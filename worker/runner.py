@@ -15,11 +15,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from core import lifecycle
+from core.errors import ServiceError
 from core.lifecycle import ClaimedJob
 from core.status import ErrorCode
 from worker import process
-from worker.engine import BatchInterrupted, ImageRequest, OutOfMemory, PreparedBatch
+from worker.engine import BatchInterrupted, ImageRequest, OutOfMemory, PreparedBatch, RequestResult
+from worker.engine.edit import EditRequest
 from worker.guard import BatchGuard
+from worker.inputs import edit_request
 from worker.process import WorkerContext, record_stats
 from worker.results import db_call, fail, release, store_job
 
@@ -46,7 +49,8 @@ class Batch:
 
     jobs: list[ClaimedJob]
     guard: BatchGuard
-    prepared: PreparedBatch | None = None
+    prepared: PreparedBatch | None = None  # generate jobs
+    edits: list[EditRequest] | None = None  # edit jobs, their input images loaded
     invalid: str | None = None  # why the engine refused the batch's input
 
 
@@ -87,10 +91,26 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
         return None
     batch = Batch(jobs, BatchGuard(ctx, jobs).start())
     try:
-        batch.prepared = ctx.engine.prepare([image_request(j) for j in jobs])
+        if jobs[0].kind == "edit":
+            batch.edits = _edit_requests(ctx, batch)
+        else:
+            batch.prepared = ctx.engine.prepare([image_request(j) for j in jobs])
     except ValueError as exc:  # the engine refused the input: running it again cannot help
         batch.invalid = str(exc)
     return batch
+
+
+def _edit_requests(ctx: WorkerContext, batch: Batch) -> list[EditRequest]:
+    """Load every edit job's inputs; a job with an unusable input fails alone and leaves the batch."""
+    requests, kept = [], []
+    for job in batch.jobs:
+        try:
+            requests.append(edit_request(ctx, job))
+            kept.append(job)
+        except ServiceError as exc:
+            fail(ctx, [job], ErrorCode.INVALID_INPUT, exc.message)
+    batch.jobs = kept
+    return requests
 
 
 def _filling(ctx: WorkerContext, queue: str) -> bool:
@@ -128,14 +148,22 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
     """Run one prepared batch; its jobs' storing and recording go to the upload pool (returned futures)."""
     jobs, guard = batch.jobs, batch.guard
     report.batches += 1
-    if batch.invalid is not None or batch.prepared is None:
-        report.ends["failed"] += fail(ctx, jobs, ErrorCode.INVALID_INPUT, batch.invalid or "invalid input")
+    if batch.invalid is not None:
+        report.ends["failed"] += fail(ctx, jobs, ErrorCode.INVALID_INPUT, batch.invalid)
+        guard.close()
+        return []
+    if not jobs:  # every edit job of the batch had an unusable input
         guard.close()
         return []
     log.info("batch of %d job(s): %s", len(jobs), ", ".join(j.id for j in jobs))
     started = time.perf_counter()
     try:
-        results = ctx.engine.run(batch.prepared, on_step=guard)
+        results: list[RequestResult]
+        if batch.edits is not None:
+            results = list(ctx.edit_engine.edit(batch.edits, on_step=guard))
+        else:
+            assert batch.prepared is not None
+            results = ctx.engine.run(batch.prepared, on_step=guard)
     except BatchInterrupted:
         _interrupted(ctx, batch, report)
         guard.close()
@@ -152,8 +180,8 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
             report.ends["failed"] += fail(ctx, [job], ErrorCode.OUT_OF_MEMORY, result.message)
         else:
             futures.append(ctx.uploads.submit(store_job, ctx, job, result, inference_ms))
-    images = sum(j.request["num_images"] for j in jobs)
-    _when_done(futures, lambda: (guard.close(), record_stats(ctx, jobs=len(jobs), images=images)))
+    record_stats(ctx, jobs=len(jobs), images=sum(j.request["num_images"] for j in jobs))
+    _when_done(futures, guard.close)
     return futures
 
 

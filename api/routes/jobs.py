@@ -11,6 +11,7 @@ from api import jobs as job_ops
 from api.deps import ResourcesDep, TenantDep
 from api.submit import submit_job
 from core import errors
+from core.image_refs import check_refs
 from core.schemas import ErrorBody, JobObject, JobPage, JobRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -34,11 +35,14 @@ async def create_job(
             "Idempotency-Key must be 1 to 255 characters",
             [{"field": "Idempotency-Key", "message": "must be 1 to 255 characters"}],
         )
-    if req.kind == "edit":
+    if req.mode == "instruct" and res.settings.edit_model is None:
         raise errors.ValidationFailed(
-            "edit jobs are not enabled on this service yet",
-            [{"field": "kind", "message": "edit jobs are not enabled on this service yet"}],
+            "instruct edits need an Edit checkpoint, and this service has none configured",
+            [{"field": "mode", "message": "instruct edits are not available here; use img2img or inpaint"}],
         )
+    if req.kind == "edit":
+        async with res.db.connect() as conn:
+            await check_refs(conn, tenant, req, allow_hosts=res.settings.fetch_allow_hosts)
     if req.loras:
         raise errors.ValidationFailed(
             "unknown adapter", [{"field": "loras.0.adapter_id", "message": "no such adapter for this tenant"}]

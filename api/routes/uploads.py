@@ -200,7 +200,7 @@ class _FileCollector:
 def _store(res: Resources, key: str, data: bytes, info: ImageInfo) -> None:
     """Put the original bytes in S3 with their SHA-256 (the server verifies it); 503 when S3 fails."""
     try:
-        storage.put_object_checked(res.s3, res.settings.s3_bucket, key, data, info.content_type)
+        storage.put_object_checked(res.s3_data, res.settings.s3_bucket, key, data, info.content_type)
     except storage.StorageError as exc:
         raise errors.Unavailable(f"storage is unavailable; the upload was not saved ({exc.code or 'error'})") from exc
 

@@ -276,3 +276,11 @@ def zip_bytes() -> bytes:
 def chunk(kind: bytes, payload: bytes) -> bytes:
     """One PNG chunk with its CRC."""
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def test_openapi_documents_the_upload_endpoints(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    post = spec["paths"][URL]["post"]
+    assert "multipart/form-data" in post["requestBody"]["content"]
+    assert {"201", "413", "415", "422"} <= set(post["responses"])
+    assert "get" in spec["paths"][URL + "/{upload_id}"]

@@ -132,6 +132,7 @@ def direct_img2img(pipe: ZImageImg2ImgPipeline, req: EditRequest, seed: int) -> 
 
 
 def test_img2img_and_inpaint_run_on_turbos_own_modules(engine: EditEngine, turbo: ZImagePipeline) -> None:
+    assert engine.modes == {"img2img", "inpaint"}
     for pipe in (engine.img2img, engine.inpaint):
         for name in ("transformer", "vae", "text_encoder", "tokenizer"):
             assert getattr(pipe, name) is getattr(turbo, name), name
@@ -173,6 +174,28 @@ def test_components_with_other_weights_or_configs_are_not_shared(
     (other / "vae" / "config.json").write_text(json.dumps(config))
     edit = EditEngine(turbo_bf16, edit_model=str(other), device="cpu", dtype=torch.bfloat16)
     assert edit.shared == {"text_encoder": False, "vae": False}
+
+
+def test_transformer_only_edit_release_takes_turbos_components(
+    turbo_bf16: ZImagePipeline, turbo: ZImagePipeline, tiny_omni_dir: Path, tmp_path: Path
+) -> None:
+    bare = tmp_path / "omni"
+    shutil.copytree(tiny_omni_dir, bare, ignore=shutil.ignore_patterns("text_encoder", "vae"))
+    edit = EditEngine(turbo_bf16, edit_model=str(bare), device="cpu", dtype=torch.bfloat16)
+    assert edit.shared == {"text_encoder": True, "vae": True}
+    with pytest.raises(ValueError, match="bfloat16"):
+        EditEngine(turbo, edit_model=str(bare), device="cpu", dtype=torch.float32)
+
+
+def test_an_instruct_only_engine_needs_no_turbo(tiny_omni_dir: Path) -> None:
+    edit = EditEngine(None, edit_model=str(tiny_omni_dir), device="cpu", dtype=torch.bfloat16)
+    assert edit.modes == {"instruct"}
+    assert edit.shared == {"text_encoder": False, "vae": False}
+    assert edit.edit([request("instruct", steps=1)])[0][0].size == (W, H)
+    with pytest.raises(ValueError, match="Turbo"):
+        edit.edit([request("img2img")])
+    with pytest.raises(ValueError, match="needs"):
+        EditEngine(None, edit_model=None)
 
 
 # --- img2img --------------------------------------------------------------------------------------------

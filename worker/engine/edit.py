@@ -42,6 +42,7 @@ MAX_CONDITION_ASPECT = 8
 OMNI_VAE_DTYPE = torch.bfloat16
 # Config keys that differ between two saves of the same weights.
 _VOLATILE_CONFIG_KEYS = {"architectures", "dtype", "torch_dtype", "transformers_version"}
+_SHAREABLE = ("text_encoder", "vae")  # what an edit checkpoint may take from Turbo instead of loading
 _WEIGHT_SAMPLES = 3  # tensors compared per component before sharing it
 _SAMPLE_ROWS = 4  # leading rows of each sampled tensor that are compared
 
@@ -345,32 +346,39 @@ def load_omni(
 ) -> tuple[ZImageOmniPipeline, dict[str, bool]]:
     """Load ZImageOmniPipeline from ``model`` (hub id or folder), reusing Turbo's text encoder and VAE if equal."""
     folder = Path(model) if Path(model).is_dir() else Path(ZImageOmniPipeline.download(model))
+    reuse = _reusable(turbo, folder, dtype) if turbo is not None else {}
+    pipe = ZImageOmniPipeline.from_pretrained(folder, dtype={"default": dtype, "vae": OMNI_VAE_DTYPE}, **reuse)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    shared = {name: turbo is not None and getattr(pipe, name) is getattr(turbo, name) for name in _SHAREABLE}
+    log.info("loaded edit model %s; shared with Turbo: %s", model, shared)
+    return pipe, shared
+
+
+def _reusable(turbo: ZImagePipeline, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """Turbo's components the edit checkpoint in ``folder`` can use as they are, by component name."""
     reuse: dict[str, Any] = {}
-    wanted = {"text_encoder": dtype, "vae": OMNI_VAE_DTYPE}
-    for name, needed_dtype in wanted.items():
-        if turbo is None:
-            break
+    for name in _SHAREABLE:
         module = getattr(turbo, name)
+        needed = OMNI_VAE_DTYPE if name == "vae" else dtype
         if not (folder / name).is_dir():
-            # A transformer-only release relies on the base model's component: Turbo's is the one it has.
-            log.info("edit model %s has no %s: using Turbo's", model, name)
+            # A transformer-only release relies on the base model's component: Turbo's is the one there is.
+            if module.dtype != needed:
+                raise ValueError(
+                    f"the edit model has no {name} and Turbo's is {module.dtype}; the edit pipeline needs"
+                    f" {needed}: run the worker with ZIMAGE_DTYPE=bfloat16"
+                )
+            log.info("edit model has no %s: using Turbo's", name)
             reuse[name] = module
-        elif module.dtype != needed_dtype:
-            log.info("not sharing %s: Turbo's is %s, the edit pipeline needs %s", name, module.dtype, needed_dtype)
+        elif module.dtype != needed:
+            log.info("not sharing %s: Turbo's is %s, the edit pipeline needs %s", name, module.dtype, needed)
         elif not same_config(module, folder / name):
             log.info("not sharing %s: its config differs from Turbo's", name)
         elif not same_weights(module, folder / name):
             log.info("not sharing %s: its weights differ from Turbo's", name)
         else:
             reuse[name] = module
-    pipe = ZImageOmniPipeline.from_pretrained(
-        folder, dtype={"default": dtype, "vae": OMNI_VAE_DTYPE}, **reuse
-    )
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    shared = {name: turbo is not None and getattr(pipe, name) is getattr(turbo, name) for name in wanted}
-    log.info("loaded edit model %s; shared with Turbo: %s", model, shared)
-    return pipe, shared
+    return reuse
 
 
 def same_config(module: Any, folder: Path) -> bool:
