@@ -14,10 +14,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with its dev tools
 
-$(TINY)/tiny_checkpoint.json: $(STAMP) worker/tiny_checkpoint.py
-	$(PY) -m worker.tiny_checkpoint $(TINY)
+TINY_EDIT := checkpoints/tiny/edit
 
-checkpoint: $(TINY)/tiny_checkpoint.json  ## build the tiny random-weight checkpoint (offline, seconds)
+$(TINY)/tiny_checkpoint.json: $(STAMP) worker/tiny_checkpoint.py worker/tiny_edit_checkpoint.py
+	$(PY) -m worker.tiny_checkpoint $(TINY) --edit $(TINY_EDIT)
+
+checkpoint: $(TINY)/tiny_checkpoint.json  ## build the tiny random-weight Turbo and Edit checkpoints (offline, seconds)
 
 migrate: install  ## create the database if needed and apply migrations
 	$(VENV)/bin/zimage-admin migrate

@@ -53,6 +53,11 @@ class ZImageClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json(self._http.post("/v1/jobs", json=request, headers=headers))  # type: ignore[no-any-return]
 
+    def upload(self, data: bytes, filename: str = "image.png", content_type: str = "image/png") -> dict[str, Any]:
+        """POST /v1/uploads (an input image for edit jobs); the upload object."""
+        files = {"file": (filename, data, content_type)}
+        return self._json(self._http.post("/v1/uploads", files=files))  # type: ignore[no-any-return]
+
     def get(self, job_id: str) -> dict[str, Any]:
         """GET /v1/jobs/{id}."""
         return self._json(self._http.get(f"/v1/jobs/{job_id}"))  # type: ignore[no-any-return]

@@ -6,6 +6,7 @@ stop everything it started (also on Ctrl-C).
 from __future__ import annotations
 
 import html
+import io
 import signal
 import socket
 import statistics
@@ -13,7 +14,9 @@ import sys
 import time
 from typing import Any
 
-from client import ZImageClient
+from PIL import Image, ImageDraw
+
+from client import ApiError, ZImageClient
 from core.admin import create_key
 from deploy.stack import ROOT, Stack, dev_settings
 
@@ -65,12 +68,37 @@ def _progress_line(jobs: dict[str, dict[str, Any]], total: int) -> str:
     return f"  [{done:>2}/{total}] queued {counts.get('queued', 0):>2}{running}"
 
 
+def _edits(client: ZImageClient, source_job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Upload one generated image and edit it in every mode this stack serves."""
+    if source_job["status"] != "succeeded":
+        return []
+    source = client.download(source_job["outputs"][0])
+    upload = client.upload(source, "source.png")
+    width, height = upload["width"], upload["height"]
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=255)
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    mask_upload = client.upload(buf.getvalue(), "mask.png")
+    base = {"kind": "edit", "width": width, "height": height, "seed": 77, "input_images": [{"upload_id": upload["id"]}]}
+    requests = [
+        {**base, "mode": "img2img", "prompt": "the same scene as a watercolor painting", "strength": 0.6},
+        {**base, "mode": "inpaint", "prompt": "a full moon", "mask": {"upload_id": mask_upload["id"]}},
+        {**base, "mode": "instruct", "prompt": "把背景换成下雨的纽约街道"},
+    ]
+    submitted = []
+    for request in requests:
+        try:
+            submitted.append(client.submit(request))
+        except ApiError as exc:  # instruct needs an Edit checkpoint; a stack without one says so
+            print(f"  {request['mode']}: {exc}")
+    return submitted
+
+
 def _gallery(entries: list[dict[str, Any]]) -> str:
     cards = []
     for e in entries:
-        img = (
-            f'<img src="{html.escape(e["file"])}" loading="lazy">' if e.get("file") else "<div>no image</div>"
-        )
+        img = f'<img src="{html.escape(e["file"])}" loading="lazy">' if e.get("file") else "<div>no image</div>"
         cards.append(
             f"<figure>{img}<figcaption><b>{html.escape(e['prompt'])}</b><br>"
             f"{e['width']}×{e['height']} · seed {e['seed']} · {html.escape(e['status'])} · "
@@ -116,13 +144,18 @@ def _submit_and_collect(client: ZImageClient) -> int:
     last = [""]
 
     def show(current: dict[str, dict[str, Any]]) -> None:
-        line = _progress_line(current, len(jobs))
+        line = _progress_line(current, len(current))
         if line != last[0]:
             print(line, flush=True)
             last[0] = line
 
     finished = client.wait([j["id"] for j in jobs], timeout_s=900, on_update=show)
     wall = time.monotonic() - t0
+    edits = _edits(client, finished[jobs[0]["id"]])
+    if edits:
+        print(f"editing the first image: {', '.join(e['request']['mode'] for e in edits)}")
+        finished.update(client.wait([e["id"] for e in edits], timeout_s=900, on_update=show))
+        jobs += edits
 
     OUT.mkdir(exist_ok=True)
     entries, latencies, images = [], [], 0
@@ -130,7 +163,7 @@ def _submit_and_collect(client: ZImageClient) -> int:
         done = finished[job["id"]]
         req = done["request"]
         entry = {
-            "prompt": req["prompt"],
+            "prompt": (f"[{req['mode']}] " if req.get("mode") else "") + req["prompt"],
             "width": req["width"],
             "height": req["height"],
             "seed": req["seed"],
@@ -141,7 +174,7 @@ def _submit_and_collect(client: ZImageClient) -> int:
             name = f"{job['id']}-{out['index']}.{out['key'].rsplit('.', 1)[1]}"
             (OUT / name).write_bytes(client.download(out))
             entry["file"] = name
-            images += 1
+            images += req["kind"] == "generate"
         if done["status"] == "succeeded":
             latencies.append(done["timings"]["total_ms"])
         entries.append(entry)
@@ -153,9 +186,7 @@ def _submit_and_collect(client: ZImageClient) -> int:
     print(f"  jobs        {len(jobs)} submitted, {ok} succeeded, {len(jobs) - ok} not")
     print(f"  images      {images} in {wall:.1f} s = {images / wall:.2f} images/s")
     if latencies:
-        print(
-            f"  latency     p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms (submit → succeeded)"
-        )
+        print(f"  latency     p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms (submit → succeeded)")
     print(f"  gallery     {OUT / 'index.html'}")
     return 0 if ok == len(jobs) else 1
 

@@ -29,6 +29,7 @@ from core.db import make_engine
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_EDIT = "checkpoints/tiny/edit"
 
 
 class StackError(RuntimeError):
@@ -43,7 +44,7 @@ class Stack:
     run_dir: Path
     api_port: int = 8000
     s3_port: int | None = 8333  # None: S3 is external (settings.s3_endpoint_url), start no SeaweedFS
-    worker_queues: str = "generate"
+    worker_queues: str = "generate,edit"
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -254,6 +255,8 @@ def dev_settings(run_dir: Path, *, s3_port: int = 8333, api_port: int = 8000) ->
     overrides: dict[str, object] = {"api_base_url": f"http://127.0.0.1:{api_port}"}
     if "ZIMAGE_S3_ENDPOINT_URL" not in os.environ:
         overrides["s3_endpoint_url"] = f"http://127.0.0.1:{s3_port}"
+    if "ZIMAGE_EDIT_MODEL" not in os.environ and (ROOT / TINY_EDIT / "model_index.json").exists():
+        overrides["edit_model"] = TINY_EDIT  # the tiny Omni checkpoint `make checkpoint` builds
     return base.model_copy(update=overrides)
 
 
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=str(ROOT / ".run"))
     parser.add_argument("--api-port", type=int, default=8000)
     parser.add_argument("--s3-port", type=int, default=8333)
-    parser.add_argument("--queues", default="generate")
+    parser.add_argument("--queues", default="generate,edit")
     parser.add_argument("--tenant", default="local")
     args = parser.parse_args(argv)
     return _up(args) if args.command == "up" else _down(args)

@@ -238,11 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", type=Path, help="output folder (a diffusers pipeline folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--if-missing", action="store_true", help="keep an existing build of this version")
+    parser.add_argument("--edit", type=Path, help="also build the Omni-shaped edit checkpoint into this folder")
     args = parser.parse_args(argv)
     # The shard-writing progress bar is noise for a build that takes a few seconds.
     transformers.utils.logging.disable_progress_bar()
     build = ensure_tiny_turbo if args.if_missing else build_tiny_turbo
     print(build(args.dir, args.seed))
+    if args.edit is not None:
+        # Imported here: the edit builder imports this module.
+        from worker.tiny_edit_checkpoint import build_tiny_omni, ensure_tiny_omni
+
+        print((ensure_tiny_omni if args.if_missing else build_tiny_omni)(args.edit, args.seed))
     return 0
 
 
