@@ -11,6 +11,7 @@ text padded to the longest prompt, the next batch prepared while this one runs; 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from worker.engine.batching import DEFAULT_MAX_IMAGES, DEFAULT_TOKEN_BUDGET
 from worker.engine.embeddings import DEFAULT_CACHE_BYTES
 
 DEFAULT_CHECKPOINT = Path("checkpoints/tiny/turbo")
-COLUMNS = ("workload", "variant", "images", "seconds", "images/s", "s/image", "x naive", "busy %", "calls")
+COLUMNS = ("workload", "variant", "images", "seconds", "images/s", "s/image", "x naive", "busy %", "batches")
 
 
 ImageKey = tuple[str, int, int, int]
@@ -94,7 +95,7 @@ class Timing:
             "s/image": round(self.seconds / self.images, 4) if self.images else None,
             "x naive": round(self.images_per_s / naive.images_per_s, 2) if naive and naive.images_per_s else None,
             "busy %": round(100 * busy, 1) if busy is not None else None,
-            "calls": self.calls,
+            "batches": self.calls,
             "peak GiB": self.peak_memory_gib,
         }
 
@@ -252,11 +253,12 @@ class Plan:
 
 @dataclass
 class Tally:
-    """A variant's timings summed over the interleaved rounds."""
+    """A variant's timings over the interleaved rounds: summed, and kept per round."""
 
     timing: Timing = field(default_factory=lambda: Timing(0, 0.0))
+    rates: dict[int, float] = field(default_factory=dict)  # round -> images/s
 
-    def add(self, part: Timing) -> None:
+    def add(self, round_index: int, part: Timing) -> None:
         """Add one round."""
         t = self.timing
         t.images += part.images
@@ -269,6 +271,15 @@ class Tally:
         for key, image in part.kept.items():
             if len(t.kept) < 4:
                 t.kept[key] = image
+        self.rates[round_index] = part.images_per_s
+
+    def ratio_to(self, naive: Tally) -> float | None:
+        """Median over rounds of this variant's rate over the naive rate of the same round."""
+        ratios = sorted(rate / naive.rates[r] for r, rate in self.rates.items() if naive.rates.get(r))
+        if not ratios:
+            return None
+        middle = len(ratios) // 2
+        return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
 
 
 def measure(
@@ -285,8 +296,9 @@ def measure(
     """Naive, engine and each toggle per workload; rows for the table and notes on anything scaled or skipped.
 
     The jobs are cut into ``rounds`` slices and every variant runs slice by slice in turn, so a burst of load
-    from elsewhere on a shared machine hits all of them alike. Each variant keeps one engine (and so one prompt
-    cache) across its slices, as a worker would.
+    from elsewhere on a shared machine hits all of them alike; "x naive" is the median over rounds of the
+    variant's rate over the naive loop's rate in the same round. Each variant keeps one engine (and so one
+    prompt cache) across its slices, as a worker would.
     """
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -295,43 +307,47 @@ def measure(
         variants = [FULL, *toggles]
         engines = {variant.name: engine_for(pipe, variant) for variant in variants}
         naive, tallies = Tally(), {variant.name: Tally() for variant in variants}
+        rounds_here = max(1, min(rounds, len(plan.jobs)))
         toggle_count = len(plan.jobs) if plan.toggle_jobs is None else min(plan.toggle_jobs, len(plan.jobs))
+        per_round = -(-toggle_count // rounds_here)
         skipped: set[str] = set()
-        for r in range(rounds):
-            first = r * len(plan.jobs) // rounds
-            part = plan.jobs[first : (r + 1) * len(plan.jobs) // rounds]
-            naive.add(run_naive(part, pipe, keep=4))
+        for r in range(rounds_here):
+            part = plan.jobs[r * len(plan.jobs) // rounds_here : (r + 1) * len(plan.jobs) // rounds_here]
+            naive.add(r, run_naive(part, pipe, keep=4))
             for variant in variants:
                 jobs = part
                 if variant is not FULL:
-                    jobs = part[: max(0, toggle_count - first)]
+                    # Single-optimisation rows may run on fewer jobs: the first few of every slice.
+                    jobs = part[:per_round]
                     if time.monotonic() > deadline:
                         skipped.add(variant.name)
                     if variant.name in skipped or not jobs:
                         continue
-                tallies[variant.name].add(
-                    run_engine(
-                        jobs,
-                        engines[variant.name],
-                        token_budget=token_budget,
-                        max_images=max_images if variant.batching else 1,
-                        overlap=variant.overlap,
-                        keep=4,
-                    )
+                timing = run_engine(
+                    jobs,
+                    engines[variant.name],
+                    token_budget=token_budget,
+                    max_images=max_images if variant.batching else 1,
+                    overlap=variant.overlap,
+                    keep=4,
                 )
+                tallies[variant.name].add(r, timing)
         rows.append(naive.timing.row(plan.name, "naive", naive.timing))
         for variant in variants:
-            timing = tallies[variant.name].timing
-            if not timing.images:
-                notes.append(f"{plan.name}: '{variant.name}' skipped to stay within the time budget")
+            tally = tallies[variant.name]
+            if not tally.timing.images:
                 continue
-            row = timing.row(plan.name, variant.name, naive.timing)
+            row = tally.timing.row(plan.name, variant.name, naive.timing)
+            ratio = tally.ratio_to(naive)
+            row["x naive (totals)"] = row["x naive"]
+            row["x naive"] = round(ratio, 2) if ratio is not None else None
             if variant is FULL:
-                row["max pixel diff vs naive"] = max_pixel_diff(naive.timing.kept, timing.kept)
+                row["max pixel diff vs naive"] = max_pixel_diff(naive.timing.kept, tally.timing.kept)
             rows.append(row)
-            log(f"{plan.name}: {variant.name} {timing.images_per_s:.2f} images/s ({row['x naive']}x naive)")
-        if toggle_count < len(plan.jobs):
-            notes.append(f"{plan.name}: single-optimisation rows ran on {toggle_count} of the {len(plan.jobs)} jobs")
+            log(f"{plan.name}: {variant.name} {tally.timing.images_per_s:.2f} images/s ({row['x naive']}x naive)")
+        ran = min((tallies[v.name].timing.images for v in toggles), default=toggle_count)
+        if toggles and ran < len(plan.jobs):
+            notes.append(f"{plan.name}: single-optimisation rows ran on {ran} of the {len(plan.jobs)} jobs")
         if skipped:
             notes.append(f"{plan.name}: {', '.join(sorted(skipped))} stopped early to stay within the time budget")
     return rows, notes
@@ -358,11 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=64, help="seeds of the one-prompt workload")
     parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES)
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved slices per workload")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved slices per workload")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop single-optimisation rows past this")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
+    load_before = os.getloadavg()
     pipe = load_pipe(args.checkpoint)
     plans = [
         Plan("256² mixed", workloads.mixed(args.jobs, 256)),
@@ -385,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     goal = next(r for r in rows if r["workload"] == "256² mixed" and r["variant"] == "engine")["x naive"]
     print(f"goal engine >= 1.5x naive at 256²: {goal}x ({'met' if goal >= 1.5 else 'NOT met'}); {elapsed:.0f} s in all")
+    print(
+        f"torch threads {torch.get_num_threads()}; load average before {load_before[0]:.2f}, after "
+        f"{os.getloadavg()[0]:.2f} (other work on these cores slows the naive loop most: see the README)"
+    )
     report.write_json(
         args.out,
         {
@@ -395,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "notes": notes,
             "goal_256_engine_over_naive": {"target": 1.5, "measured": goal},
             "seconds": round(elapsed, 1),
+            "load_average_before": list(load_before),
         },
     )
     print(f"wrote {args.out}")

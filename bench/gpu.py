@@ -181,7 +181,7 @@ def build_pipeline(scale: Scale, device: torch.device, dtype: torch.dtype) -> ZI
     vae = materialize(lambda: AutoencoderKL(**scale.vae), device, dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     pipe = ZImagePipeline(
-        scheduler=scheduler,  # type: ignore[arg-type]
+        scheduler=scheduler,
         vae=vae,  # type: ignore[arg-type]
         text_encoder=text_encoder,  # type: ignore[arg-type]
         tokenizer=tokenizer,  # type: ignore[arg-type]

@@ -137,17 +137,17 @@ def claim_batch(
 _SNAPSHOT = text(
     f"""
 SELECT coalesce(sum((request->>'num_images')::int), 0),
-       extract(epoch FROM clock_timestamp() - max(created_at)) * 1000
+       count(*) FILTER (WHERE created_at > clock_timestamp() - make_interval(secs => :window_s))
 FROM jobs WHERE status = '{JobStatus.QUEUED}' AND queue = :queue
 """
 )
 
 
-def queue_snapshot(conn: Connection, queue: str) -> tuple[int, float | None]:
-    """Images queued in ``queue`` and the age in ms of its newest queued job (None when empty)."""
-    images, age_ms = conn.execute(_SNAPSHOT, {"queue": queue}).one()
+def queue_snapshot(conn: Connection, queue: str, *, window_s: float) -> tuple[int, int]:
+    """Images queued in ``queue``, and how many of its queued jobs arrived within the last ``window_s``."""
+    images, recent = conn.execute(_SNAPSHOT, {"queue": queue, "window_s": window_s}).one()
     conn.commit()
-    return int(images), None if age_ms is None else float(age_ms)
+    return int(images), int(recent)
 
 
 def _fence(jobs: Sequence[ClaimedJob]) -> dict[str, Any]:

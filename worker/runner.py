@@ -114,9 +114,11 @@ def _edit_requests(ctx: WorkerContext, batch: Batch) -> list[EditRequest]:
 
 
 def _filling(ctx: WorkerContext, queue: str) -> bool:
-    """Whether a short wait would fill the next batch: too few images queued, and jobs arriving right now."""
-    images, age_ms = db_call(ctx, lambda conn: lifecycle.queue_snapshot(conn, queue), "queue snapshot")
-    return 0 < images < ctx.settings.max_batch_images and age_ms is not None and age_ms < ctx.settings.batch_wait_ms
+    """Whether a short wait would fill the next batch: too few images queued, and a burst arriving right now
+    (two or more jobs in the last wait window; a lone job is never kept waiting)."""
+    window_s = ctx.settings.batch_wait_ms / 1000
+    images, recent = db_call(ctx, lambda conn: lifecycle.queue_snapshot(conn, queue, window_s=window_s), "snapshot")
+    return 0 < images < ctx.settings.max_batch_images and recent >= 2
 
 
 def run_queue(ctx: WorkerContext, queue: str) -> DrainReport:

@@ -85,9 +85,20 @@ def diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
+def images_of(result: list[Image.Image] | OutOfMemory) -> list[Image.Image]:
+    """A request's images; fails the test on an OutOfMemory marker."""
+    assert not isinstance(result, OutOfMemory), result
+    return result
+
+
+def generate(engine: Engine, requests: list[ImageRequest], **kwargs: Any) -> list[list[Image.Image]]:
+    """engine.generate, every request expected to succeed."""
+    return [images_of(result) for result in engine.generate(requests, **kwargs)]
+
+
 def test_batch_equals_single_calls(engine: Engine, reference: ZImagePipeline, passes: list[int]) -> None:
     requests = [request(EN_SHORT, (11, 12)), request(EN_LONG, (13,)), request(ZH, (14, 15))]
-    batches = engine.generate(requests)
+    batches = generate(engine, requests)
     # One pipeline call per caption bucket (32: EN_SHORT and ZH; 64: EN_LONG), one pass per step: not per image.
     assert passes[0] == 2 * 2
     assert [len(images) for images in batches] == [2, 1, 2]
@@ -109,7 +120,7 @@ def test_guidance_uses_each_requests_negative_prompt(engine: Engine, reference: 
         request(EN_SHORT, (21,), guidance_scale=1.5, negative_prompt="blurry"),
         request(ZH, (22,), guidance_scale=1.5),
     ]
-    batches = engine.generate(requests)
+    batches = generate(engine, requests)
     for req, images in zip(requests, batches, strict=True):
         assert diff(images[0], single(reference, req, req.seeds[0])) <= TOLERANCE
     other_negative = request(EN_SHORT, (21,), guidance_scale=1.5, negative_prompt="sharp, colourful")
@@ -128,7 +139,7 @@ def test_on_step_reports_every_step(engine: Engine) -> None:
         calls.append((done, total))
         return False
 
-    images = engine.generate([request(steps=4)], on_step=record)
+    images = generate(engine, [request(steps=4)], on_step=record)
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert len(images[0]) == 1
 
@@ -147,7 +158,7 @@ def test_on_step_true_interrupts_the_batch(engine: Engine, passes: list[int]) ->
     assert (info.value.steps_done, info.value.total) == (3, 8)
     # The next batch runs in full: the pipeline's interrupt flag does not leak into it.
     passes[0] = 0
-    assert len(engine.generate([request(steps=2)])[0]) == 1
+    assert len(generate(engine, [request(steps=2)])[0]) == 1
     assert passes[0] == 2
 
 
@@ -173,15 +184,15 @@ def test_invalid_requests_are_refused(engine: Engine, bad: dict[str, Any]) -> No
 def test_generate_twice_gives_the_same_images(engine: Engine) -> None:
     # ZImagePipeline rewrites a list prompt in place; reusing a list would wrap the prompt twice.
     requests = [request(EN_SHORT, (5, 6)), request(ZH, (7,))]
-    first = engine.generate(requests)
-    second = engine.generate(requests)
+    first = generate(engine, requests)
+    second = generate(engine, requests)
     for a, b in zip(sum(first, []), sum(second, []), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize(("width", "height"), [(256, 384), (384, 256)])
 def test_output_has_the_requested_size(engine: Engine, width: int, height: int) -> None:
-    images = engine.generate([request(width=width, height=height, seeds=(1, 2))])
+    images = generate(engine, [request(width=width, height=height, seeds=(1, 2))])
     assert [image.size for image in images[0]] == [(width, height)] * 2
     assert all(image.mode == "RGB" for image in images[0])
 
@@ -224,12 +235,6 @@ def test_engine_runs_without_the_service_packages() -> None:
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
-
-
-def images_of(result: list[Image.Image] | OutOfMemory) -> list[Image.Image]:
-    """A request's images; fails the test on an OutOfMemory marker."""
-    assert not isinstance(result, OutOfMemory), result
-    return result
 
 
 def test_mixed_lengths_and_seeds_equal_single_calls(engine: Engine, reference: ZImagePipeline) -> None:

@@ -91,8 +91,12 @@ def test_one_image_that_cannot_fit_fails_only_its_request(
 
     monkeypatch.setattr(engine, "_denoise_and_decode", denoise)
     seen: list[tuple[int, int]] = []
+    def record(step: int, total: int) -> bool:
+        seen.append((step, total))
+        return False
+
     requests = [request(EN_SHORT, (11, poison_seed, 13)), request(ZH, (14,)), request(EN_LONG, (15, 16))]
-    results = engine.generate(requests, on_step=lambda s, t: seen.append((s, t)) or False)
+    results = engine.generate(requests, on_step=record)
     assert isinstance(results[0], OutOfMemory)
     assert results[0].message.endswith("CUDA out of memory. Tried to allocate 20.00 GiB")
     for req, result in zip(requests[1:], results[1:], strict=True):

@@ -198,3 +198,23 @@ def test_batches_overlap_and_the_busy_time_is_exported(ctx, db, tenant) -> None:
     assert 0 < worker.busy_seconds <= worker.wall_seconds
     assert worker.images_run >= 12
     assert 0 < process.busy_fraction(ctx) <= 1
+
+
+def test_the_worker_waits_to_fill_a_batch_only_while_a_burst_is_arriving(ctx, db, tenant) -> None:  # type: ignore[no-untyped-def]
+    from worker.runner import _filling
+
+    saved = ctx.settings
+    ctx.settings = saved.model_copy(update={"batch_wait_ms": 50})
+    try:
+        add_jobs(db, tenant, 1)
+        assert not _filling(ctx, "generate")  # a lone job is never kept waiting
+        add_jobs(db, tenant, 1)
+        assert _filling(ctx, "generate")  # two just arrived, the batch holds four: worth a moment
+        add_jobs(db, tenant, 2)
+        assert not _filling(ctx, "generate")  # already a full batch
+        clear_jobs(db)
+        add_jobs(db, tenant, 2)
+        time.sleep(0.1)
+        assert not _filling(ctx, "generate")  # the burst is over
+    finally:
+        ctx.settings = saved

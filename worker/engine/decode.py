@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+# The defining module, not `from diffusers import ...`: type checkers resolve the top-level name to a dummy.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from PIL import Image
 
 # Pixels per VAE decode call. On the CPU a batched decode runs slower per image than single ones (its
@@ -13,24 +16,24 @@ DEFAULT_DECODE_PIXELS = 512 * 512
 
 
 def decode_latents(
-    vae: torch.nn.Module, latents: torch.Tensor, *, max_pixels: int = DEFAULT_DECODE_PIXELS
+    vae: AutoencoderKL, latents: torch.Tensor, *, max_pixels: int = DEFAULT_DECODE_PIXELS
 ) -> list[Image.Image]:
     """Decode float32 latents (B, 16, h, w) exactly as ZImagePipeline does after its loop; returns RGB images."""
-    scale = vae.config.scaling_factor  # type: ignore[union-attr]
-    shift = vae.config.shift_factor  # type: ignore[union-attr]
+    scale = float(vae.config["scaling_factor"])
+    shift = float(vae.config["shift_factor"])
     pixels_per_image = latents.shape[2] * latents.shape[3] * 64
     chunk = max(1, max_pixels // pixels_per_image)
     arrays: list[np.ndarray] = []
     with torch.no_grad():
         for start in range(0, latents.shape[0], chunk):
-            z = latents[start : start + chunk].to(vae.dtype)  # type: ignore[arg-type]
+            z = latents[start : start + chunk].to(vae.dtype)
             z = (z / scale) + shift
             if z.device.type == "cpu":
                 # oneDNN runs the decoder's convolutions about 20% faster on channels-last input (measured on
                 # 2 cores; the result moves by under 1e-4). Only the input: the shared VAE module is untouched,
                 # and on a GPU the bf16 kernels (and their rounding) stay those of the plain pipeline.
                 z = z.contiguous(memory_format=torch.channels_last)
-            image = vae.decode(z, return_dict=False)[0]  # type: ignore[operator]
+            image = vae.decode(z, return_dict=False)[0]
             # VaeImageProcessor.postprocess: denormalize in the VAE's dtype, then float32, x255, round, uint8 --
             # done here on the device so only uint8 crosses to the host.
             image = (image * 0.5 + 0.5).clamp(0, 1)
