@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := checkpoints/tiny/turbo
 
-.PHONY: install checkpoint migrate up down demo test test-faults lint clean
+.PHONY: install checkpoint migrate up down demo test test-faults bench bench-submit bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ test: install  ## every test, against real Postgres, Redis, SeaweedFS and the ti
 
 test-faults: install  ## the fault-injection suite alone; prints the fault table
 	$(PY) -m pytest tests/faults
+
+bench: install checkpoint  ## CPU benchmark, tiny checkpoint: naive loop vs engine vs whole service (≤ 5 min)
+	$(PY) -m bench.engine_bench --out bench/results/engine.json
+	$(PY) -m bench.service_bench --out bench/results/service.json
+
+bench-submit: install  ## POST /v1/jobs from 32 connections for 30 s, group commit on and off (needs wrk)
+	command -v wrk >/dev/null || (apt-get install -y -qq wrk >/dev/null)
+	$(PY) -m bench.submit_bench --out bench/results/submit.json
+
+bench-gpu: install  ## full-size random-weight benchmark on one GPU (see bench/gpu.py)
+	$(PY) -m bench.gpu --out bench/results/gpu.json
 
 lint: install
 	$(VENV)/bin/ruff check .

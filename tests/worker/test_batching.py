@@ -134,13 +134,12 @@ def test_split_and_merged_buckets_give_the_same_images(tiny_turbo_dir: Path, ref
 def test_progress_over_several_calls_is_monotonic_and_ends_at_steps(tiny_turbo_dir: Path) -> None:
     splitting = Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32", min_call_tokens=0)
     seen: list[tuple[int, int]] = []
+
     def record(step: int, total: int) -> bool:
         seen.append((step, total))
         return False
 
-    splitting.generate(
-        [request(EN_SHORT, steps=4), request(EN_300, steps=4)], on_step=record
-    )
+    splitting.generate([request(EN_SHORT, steps=4), request(EN_300, steps=4)], on_step=record)
     assert len(seen) == 8  # two calls, four steps each
     assert all(total == 4 for _, total in seen)
     steps = [s for s, _ in seen]

@@ -75,7 +75,8 @@ def test_the_encoder_pads_to_the_longest_prompt_not_512(tiny_turbo_dir: Path) ->
     longest, full = EncoderCalls(engine.pipe.text_encoder), EncoderCalls(padded.pipe.text_encoder)
     engine.encoder.encode([EN_SHORT, EN_LONG, ZH], "cpu")
     padded.encoder.encode([EN_SHORT, EN_LONG, ZH], "cpu")
-    assert longest.lengths == [engine.encoder.caption_tokens(EN_LONG)] and longest.lengths[0] < 64
+    # The longest prompt plus one padding position (so the encoder always takes its masked path, as at 512).
+    assert longest.lengths == [engine.encoder.caption_tokens(EN_LONG) + 1] and longest.lengths[0] < 64
     assert full.lengths == [512]
 
 

@@ -66,6 +66,7 @@ def test_materialize_keeps_computed_buffers_and_fills_weights() -> None:
     assert torch.all(pipe.transformer.layers[0].attention_norm1.weight == 1)
     assert len(pipe.tokenizer) <= TINY_SCALE.text_encoder["vocab_size"] < FULL_SCALE.text_encoder["vocab_size"]
     linear = materialize(lambda: torch.nn.Linear(4, 4), torch.device("cpu"), torch.float32)
+    assert isinstance(linear, torch.nn.Linear)
     assert not linear.weight.requires_grad and int(torch.count_nonzero(linear.bias)) == 0
 
 

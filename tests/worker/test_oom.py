@@ -91,6 +91,7 @@ def test_one_image_that_cannot_fit_fails_only_its_request(
 
     monkeypatch.setattr(engine, "_denoise_and_decode", denoise)
     seen: list[tuple[int, int]] = []
+
     def record(step: int, total: int) -> bool:
         seen.append((step, total))
         return False

@@ -82,7 +82,7 @@ def call_cost(images: int, sequence: int, model_dim: int, min_call_tokens: int) 
 
 
 def plan_calls(
-    buckets: Sequence[int], tokens_per_image: int, min_call_tokens: int, model_dim: int = 3840
+    buckets: Sequence[int], tokens_per_image: int, min_call_tokens: int, model_dim: int = 3840, *, merge: bool = True
 ) -> list[list[int]]:
     """Split one batch's images (given by caption bucket) into pipeline calls; returns image indices per call.
 
@@ -90,7 +90,8 @@ def plan_calls(
     too, every caption padded (and masked) to the call's longest bucket: cheaper than underfilled calls when
     buckets are small, dearer when captions are long next to the image (256^2: 256 image tokens against
     captions of up to 512). The cheapest contiguous grouping of the sorted buckets under ``call_cost`` is
-    found exactly (a small dynamic programme: a batch has at most 16 buckets).
+    found exactly (a small dynamic programme: a batch has at most 16 buckets). ``merge=False``: one call per
+    bucket, never a mask.
     """
     by_bucket: dict[int, list[int]] = {}
     for index, bucket in enumerate(buckets):
@@ -100,7 +101,7 @@ def plan_calls(
     start_of = [0] * (len(keys) + 1)
     for end in range(1, len(keys) + 1):
         images = 0
-        for start in range(end, 0, -1):  # the call holds buckets keys[start-1 .. end-1]
+        for start in range(end, 0 if merge else end - 1, -1):  # the call holds buckets keys[start-1 .. end-1]
             images += len(by_bucket[keys[start - 1]])
             cost = best[start - 1] + call_cost(images, tokens_per_image + keys[end - 1], model_dim, min_call_tokens)
             if cost < best[end]:

@@ -3,7 +3,10 @@
 ZImagePipeline._encode_prompt wraps each prompt in the chat template (enable_thinking=True), tokenizes with
 ``padding="max_length"`` (512), runs the text encoder and keeps ``hidden_states[-2]`` at the unmasked positions.
 The Qwen tokenizer pads on the right and the encoder is causal, so a real token never attends to padding: padding
-to the longest prompt of the call instead of 512 gives the same embeddings for far less work.
+to the longest prompt of the call instead of 512 gives the same embeddings for far less work -- exactly so in
+float32 (within 1e-8). In bf16 the attention kernels round differently for different key lengths and batch
+sizes (1 ulp in the embedding, measured up to 8/255 in the tiny model's image), so in half precision each prompt
+is encoded alone at 512 tokens, as the pipeline encodes it: still cached, never batch-dependent.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class PromptEncoder:
         identity: Hashable,
         cache: EmbeddingCache | None = None,
         pad_to_longest: bool = True,
+        chunk: int = ENCODE_CHUNK,
         lock: threading.Lock | None = None,
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
     ) -> None:
@@ -112,6 +116,7 @@ class PromptEncoder:
         self.identity = identity
         self.cache = cache
         self.pad_to_longest = pad_to_longest
+        self.chunk = chunk
         self.max_sequence_length = max_sequence_length
         # One lock for the tokenizer and the text encoder: the worker prepares the next batch in a thread while
         # the current one runs, and a fast tokenizer must not be used from two threads at once.
@@ -146,8 +151,8 @@ class PromptEncoder:
                 found[prompt] = cached
         # Similar lengths share a call, so padding to the longest wastes little.
         missing.sort(key=len)
-        for start in range(0, len(missing), ENCODE_CHUNK):
-            chunk = missing[start : start + ENCODE_CHUNK]
+        for start in range(0, len(missing), self.chunk):
+            chunk = missing[start : start + self.chunk]
             for prompt, embedding in zip(chunk, self._run_encoder(chunk, device), strict=True):
                 found[prompt] = embedding
                 if self.cache is not None:
@@ -158,12 +163,16 @@ class PromptEncoder:
         """The pipeline's _encode_prompt on fresh strings, padded to the longest prompt (or to 512 if asked)."""
         texts = [self.template(prompt) for prompt in prompts]
         with self.lock, torch.no_grad():
+            length = self.max_sequence_length
+            if self.pad_to_longest:
+                unpadded = self.tokenizer(texts, truncation=True, max_length=length)  # type: ignore[operator]
+                longest = max(len(ids) for ids in unpadded.input_ids)
+                # One padding position past the longest prompt: with none at all, transformers drops the
+                # attention mask and SDPA takes its unmasked causal path, which in bf16 rounds differently from
+                # the pipeline's padded (masked) call -- 1 ulp in the embedding, up to 6/255 in the image.
+                length = min(length, longest + 1)
             inputs = self.tokenizer(  # type: ignore[operator]
-                texts,
-                padding="longest" if self.pad_to_longest else "max_length",
-                max_length=self.max_sequence_length,
-                truncation=True,
-                return_tensors="pt",
+                texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
             )
             mask = inputs.attention_mask.bool()
             # Lengths from the CPU mask: right padding makes the real tokens a prefix, and slicing by a known
@@ -178,4 +187,3 @@ class PromptEncoder:
                 return [hidden[i][mask[i].to(hidden.device)] for i in range(len(texts))]
             # clone(): a slice would keep the whole padded batch alive in the cache.
             return [hidden[i, :length].clone() for i, length in enumerate(lengths)]
-
