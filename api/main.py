@@ -33,19 +33,21 @@ class BodyLimit:
     """Refuses a body over the limit (413): at once when its declared length is, else as soon as the bytes
     streamed in (a chunked body) pass it, before any more is read."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.per_path = per_path or {}
+        self.per_path = per_path or {}  # path -> (limit, the field a 413 names)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.per_path.get(scope["path"], self.max_bytes)
+        limit, field = self.per_path.get(scope["path"], (self.max_bytes, "body"))
+        message = f"the body is over {limit} bytes"
+        details = [{"field": field, "message": message}]
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                response = errors.error_response(413, "payload_too_large", f"the body is over {limit} bytes")
+                response = errors.error_response(413, "payload_too_large", message, details)
                 await response(scope, receive, send)
                 return
         received = 0
@@ -53,20 +55,20 @@ class BodyLimit:
 
         async def limited() -> Message:
             nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+            chunk = await receive()
+            if chunk["type"] == "http.request":
+                received += len(chunk.get("body", b""))
                 if received > limit:
                     too_large = True
-                    raise PayloadTooLarge(f"the body is over {limit} bytes")
-            return message
+                    raise PayloadTooLarge(message, details)
+            return chunk
 
-        async def answer(message: Message) -> None:
+        async def answer(event: Message) -> None:
             # Whatever the app made of the aborted read (FastAPI calls it a parse error), the answer is a 413.
             if not too_large:
-                await send(message)
-            elif message["type"] == "http.response.start":
-                response = errors.error_response(413, "payload_too_large", f"the body is over {limit} bytes")
+                await send(event)
+            elif event["type"] == "http.response.start":
+                response = errors.error_response(413, "payload_too_large", message, details)
                 await response(scope, receive, send)
 
         await self.app(scope, limited, answer)
@@ -121,6 +123,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(uploads.router)
     # Uploads carry images up to 20 MiB (their route streams with its own hard cap); JSON bodies stay small.
     upload_limit = MAX_IMAGE_BYTES + uploads.MULTIPART_OVERHEAD
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/uploads": upload_limit})
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/uploads": (upload_limit, "file")}
+    )
 
     return app
