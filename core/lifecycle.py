@@ -206,21 +206,26 @@ def still_running(conn: Connection, jobs: Sequence[ClaimedJob]) -> set[str]:
     return set(rows)
 
 
+# SQL fragments of a job's end: its timings and the columns every terminal write resets.
+_QUEUED_MS = "'queued_ms', floor(extract(epoch FROM started_at - created_at) * 1000)::bigint"
+_TOTAL_MS = "'total_ms', floor(extract(epoch FROM clock_timestamp() - created_at) * 1000)::bigint"
+_ENDED = """finished_at = clock_timestamp(),
+    lease_expires_at = NULL,
+    progress_step = NULL,
+    progress_total = NULL,
+    updated_at = clock_timestamp()"""
+
 _SUCCEED = text(
     f"""
 UPDATE jobs SET
     status = '{JobStatus.SUCCEEDED}',
     outputs = CAST(:outputs AS jsonb),
     timings = jsonb_build_object(
-        'queued_ms', floor(extract(epoch FROM started_at - created_at) * 1000)::bigint,
+        {_QUEUED_MS},
         'inference_ms', CAST(:inference_ms AS bigint),
         'upload_ms', CAST(:upload_ms AS bigint),
-        'total_ms', floor(extract(epoch FROM clock_timestamp() - created_at) * 1000)::bigint),
-    finished_at = clock_timestamp(),
-    lease_expires_at = NULL,
-    progress_step = NULL,
-    progress_total = NULL,
-    updated_at = clock_timestamp()
+        {_TOTAL_MS}),
+    {_ENDED}
 WHERE id = :id AND attempt = :attempt AND status IN ({_in(JobStatus.SUCCEEDED)})
 RETURNING id
 """
@@ -271,14 +276,8 @@ UPDATE jobs SET
     status = '{JobStatus.FAILED}',
     error_code = :code,
     error_message = :message,
-    timings = jsonb_build_object(
-        'queued_ms', floor(extract(epoch FROM started_at - created_at) * 1000)::bigint,
-        'total_ms', floor(extract(epoch FROM clock_timestamp() - created_at) * 1000)::bigint),
-    finished_at = clock_timestamp(),
-    lease_expires_at = NULL,
-    progress_step = NULL,
-    progress_total = NULL,
-    updated_at = clock_timestamp()
+    timings = jsonb_build_object({_QUEUED_MS}, {_TOTAL_MS}),
+    {_ENDED}
 WHERE id = :id AND attempt = :attempt AND status IN ('{JobStatus.RUNNING}')
 RETURNING id
 """

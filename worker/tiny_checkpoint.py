@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -204,25 +205,34 @@ def build_pipeline(seed: int = 0) -> ZImagePipeline:
     )
 
 
-def build_tiny_turbo(path: Path, seed: int = 0) -> Path:
-    """Write a complete tiny Z-Image-Turbo pipeline folder to ``path`` and return it."""
+def save_marked(pipe: Any, path: Path, *, seed: int, version: int, marker: str = MARKER_FILE) -> Path:
+    """Save ``pipe`` to ``path`` and then a marker naming its build version and seed; returns the path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    marker = path / MARKER_FILE
     # Remove the marker first so a build interrupted half-way never looks complete.
-    marker.unlink(missing_ok=True)
-    build_pipeline(seed).save_pretrained(path, safe_serialization=True)
-    marker.write_text(json.dumps({"version": TINY_CHECKPOINT_VERSION, "seed": seed}, indent=2) + "\n")
+    (path / marker).unlink(missing_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / marker).write_text(json.dumps({"version": version, "seed": seed}, indent=2) + "\n")
     return path
+
+
+def has_marker(path: Path, *, seed: int, version: int, marker: str = MARKER_FILE) -> bool:
+    """True when ``path`` holds a finished build of this version and seed."""
+    try:
+        info = json.loads((Path(path) / marker).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(info == {"version": version, "seed": seed})
+
+
+def build_tiny_turbo(path: Path, seed: int = 0) -> Path:
+    """Write a complete tiny Z-Image-Turbo pipeline folder to ``path`` and return it."""
+    return save_marked(build_pipeline(seed), path, seed=seed, version=TINY_CHECKPOINT_VERSION)
 
 
 def is_current(path: Path, seed: int = 0) -> bool:
     """True when ``path`` holds a finished build of this version and seed."""
-    try:
-        info = json.loads((Path(path) / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return info == {"version": TINY_CHECKPOINT_VERSION, "seed": seed}
+    return has_marker(path, seed=seed, version=TINY_CHECKPOINT_VERSION)
 
 
 def ensure_tiny_turbo(path: Path, seed: int = 0) -> Path:

@@ -12,7 +12,6 @@ Usage: ``python -m worker.tiny_edit_checkpoint DIR [--seed N] [--if-missing]``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from diffusers.models.transformers.transformer_z_image import ZImageTransformer2
 from diffusers.pipelines.z_image.pipeline_z_image_omni import ZImageOmniPipeline
 from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 
-from worker.tiny_checkpoint import TEXT_HIDDEN, WEIGHT_GAIN, build_pipeline
+from worker.tiny_checkpoint import TEXT_HIDDEN, WEIGHT_GAIN, build_pipeline, has_marker, save_marked
 
 # Bump whenever the layout or sizes change: callers cache builds keyed on it.
 TINY_EDIT_CHECKPOINT_VERSION = 1
@@ -101,23 +100,14 @@ def build_omni_pipeline(seed: int = 0) -> ZImageOmniPipeline:
 
 def build_tiny_omni(path: Path, seed: int = 0) -> Path:
     """Write a complete tiny Z-Image Omni pipeline folder to ``path`` and return it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    marker = path / MARKER_FILE
-    # Remove the marker first so a build interrupted half-way never looks complete.
-    marker.unlink(missing_ok=True)
-    build_omni_pipeline(seed).save_pretrained(path, safe_serialization=True)
-    marker.write_text(json.dumps({"version": TINY_EDIT_CHECKPOINT_VERSION, "seed": seed}, indent=2) + "\n")
-    return path
+    return save_marked(
+        build_omni_pipeline(seed), path, seed=seed, version=TINY_EDIT_CHECKPOINT_VERSION, marker=MARKER_FILE
+    )
 
 
 def is_current(path: Path, seed: int = 0) -> bool:
     """True when ``path`` holds a finished build of this version and seed."""
-    try:
-        info = json.loads((Path(path) / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return info == {"version": TINY_EDIT_CHECKPOINT_VERSION, "seed": seed}
+    return has_marker(path, seed=seed, version=TINY_EDIT_CHECKPOINT_VERSION, marker=MARKER_FILE)
 
 
 def ensure_tiny_omni(path: Path, seed: int = 0) -> Path:

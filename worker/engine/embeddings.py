@@ -168,8 +168,8 @@ class PromptEncoder:
                 unpadded = self.tokenizer(texts, truncation=True, max_length=length)  # type: ignore[operator]
                 longest = max(len(ids) for ids in unpadded.input_ids)
                 # One padding position past the longest prompt: with none at all, transformers drops the
-                # attention mask and SDPA takes its unmasked causal path, which in bf16 rounds differently from
-                # the pipeline's padded (masked) call -- 1 ulp in the embedding, up to 6/255 in the image.
+                # attention mask and SDPA takes its unmasked causal path, not the masked one the pipeline's
+                # 512-padded call takes (the same values in float32; in bf16, 1 ulp apart).
                 length = min(length, longest + 1)
             inputs = self.tokenizer(  # type: ignore[operator]
                 texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
@@ -186,4 +186,4 @@ class PromptEncoder:
             if getattr(self.tokenizer, "padding_side", "right") != "right":
                 return [hidden[i][mask[i].to(hidden.device)] for i in range(len(texts))]
             # clone(): a slice would keep the whole padded batch alive in the cache.
-            return [hidden[i, :length].clone() for i, length in enumerate(lengths)]
+            return [hidden[i, :real].clone() for i, real in enumerate(lengths)]

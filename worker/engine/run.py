@@ -143,11 +143,12 @@ class Engine:
         self.encoder = PromptEncoder(
             pipe.tokenizer,
             pipe.text_encoder,
-            # Embeddings depend on the weights, their dtype and where they ran, never on the padding.
-            identity=(model_id, str(pipe.text_encoder.dtype), str(self._device)),
+            # Embeddings depend on the weights, their dtype and where they ran; on the padding only in half
+            # precision, where padding to the longest prompt can only be forced.
+            identity=(model_id, str(pipe.text_encoder.dtype), str(self._device), longest and not exact_text),
             cache=embedding_cache,
             pad_to_longest=longest,
-            chunk=ENCODE_CHUNK if longest else 1,
+            chunk=ENCODE_CHUNK if exact_text or longest else 1,
             lock=text_lock,
         )
         # With CPU offload, the transformer's hook moves the text encoder off the GPU at every pass: encoding
@@ -275,7 +276,9 @@ class Engine:
         with self._run_lock:
             started = time.perf_counter()
             try:
-                images, failed = self._run_calls(prepared, prepared.shape, on_step)
+                # inference_mode: no version counters or view tracking on any op (2-5% on the tiny CPU model).
+                with torch.inference_mode():
+                    images, failed = self._run_calls(prepared, prepared.shape, on_step)
             finally:
                 if self._device.type == "cuda":
                     torch.cuda.synchronize(self._device)
