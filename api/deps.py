@@ -15,7 +15,7 @@ from core.settings import Settings
 
 def get_resources(request: Request) -> Resources:
     """The resources the lifespan built for this process."""
-    return request.app.state.resources  # type: ignore[no-any-return]
+    return request.app.state.resources
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]

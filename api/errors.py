@@ -115,7 +115,7 @@ async def _database_down_or_bug(request: Request, exc: Exception) -> JSONRespons
     return await _unexpected(request, exc)
 
 
-def validation_failed(exc) -> errors.ValidationFailed:  # type: ignore[no-untyped-def]
+def validation_failed(exc) -> errors.ValidationFailed:
     """A pydantic ValidationError as the service's 422."""
     details = error_details(exc)
     return errors.ValidationFailed("invalid request: " + ", ".join(d["field"] for d in details), details)

@@ -26,7 +26,7 @@ from core.sweeper import SweeperThread
 log = logging.getLogger(__name__)
 
 # A Redis that does not answer must not hold a submit for long: the outbox covers the outage.
-_REDIS_TIMEOUTS = {"socket_connect_timeout": 1.0, "socket_timeout": 2.0}
+_REDIS_CONNECT_TIMEOUT_S, _REDIS_TIMEOUT_S = 1.0, 2.0
 
 
 class BodyLimit:
@@ -84,7 +84,9 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         res = Resources(
             settings=settings,
             db=db,
-            redis=aioredis.Redis.from_url(settings.redis_url, **_REDIS_TIMEOUTS),
+            redis=aioredis.Redis.from_url(
+                settings.redis_url, socket_connect_timeout=_REDIS_CONNECT_TIMEOUT_S, socket_timeout=_REDIS_TIMEOUT_S
+            ),
             # readiness must answer fast: one attempt, short timeouts
             s3=storage.make_s3_client(settings, timeout_s=2.0, attempts=1),
             s3_presign=storage.make_s3_client(settings, public=True),
@@ -94,7 +96,9 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         if run_sweeper:
             res.sync_db = make_engine(settings, pool_size=1)
             res.sweeper = SweeperThread(
-                res.sync_db, redis.Redis.from_url(settings.redis_url, **_REDIS_TIMEOUTS), settings
+                res.sync_db, redis.Redis.from_url(
+                    settings.redis_url, socket_connect_timeout=_REDIS_CONNECT_TIMEOUT_S, socket_timeout=_REDIS_TIMEOUT_S
+                ), settings
             )
             res.sweeper.start()
         res.submitter = GroupCommitter(res)

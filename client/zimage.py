@@ -51,24 +51,24 @@ class ZImageClient:
     def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
         """POST /v1/jobs; the queued job object."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._json(self._http.post("/v1/jobs", json=request, headers=headers))  # type: ignore[no-any-return]
+        return self._json(self._http.post("/v1/jobs", json=request, headers=headers))
 
     def upload(self, data: bytes, filename: str = "image.png", content_type: str = "image/png") -> dict[str, Any]:
         """POST /v1/uploads (an input image for edit jobs); the upload object."""
         files = {"file": (filename, data, content_type)}
-        return self._json(self._http.post("/v1/uploads", files=files))  # type: ignore[no-any-return]
+        return self._json(self._http.post("/v1/uploads", files=files))
 
     def get(self, job_id: str) -> dict[str, Any]:
         """GET /v1/jobs/{id}."""
-        return self._json(self._http.get(f"/v1/jobs/{job_id}"))  # type: ignore[no-any-return]
+        return self._json(self._http.get(f"/v1/jobs/{job_id}"))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """POST /v1/jobs/{id}/cancel."""
-        return self._json(self._http.post(f"/v1/jobs/{job_id}/cancel"))  # type: ignore[no-any-return]
+        return self._json(self._http.post(f"/v1/jobs/{job_id}/cancel"))
 
     def list(self, **params: Any) -> dict[str, Any]:
         """GET /v1/jobs with filters (status, batch_id, limit, cursor)."""
-        return self._json(self._http.get("/v1/jobs", params=params))  # type: ignore[no-any-return]
+        return self._json(self._http.get("/v1/jobs", params=params))
 
     def wait(
         self, job_ids: Iterable[str], *, timeout_s: float = 600.0, poll_s: float = 0.25, on_update: Any = None

@@ -80,7 +80,7 @@ def messages_by_key(prefix: str, jobs: Iterable[tuple[str, str]]) -> Mapping[str
     return out
 
 
-def publish(redis_client, prefix: str, jobs: Iterable[tuple[str, str]]) -> int:  # type: ignore[no-untyped-def]
+def publish(redis_client, prefix: str, jobs: Iterable[tuple[str, str]]) -> int:
     """Publish ``(job_id, queue)`` pairs with a synchronous Redis client in one round trip; returns the count."""
     grouped = messages_by_key(prefix, jobs)
     with redis_client.pipeline(transaction=False) as pipe:
@@ -90,7 +90,7 @@ def publish(redis_client, prefix: str, jobs: Iterable[tuple[str, str]]) -> int: 
     return sum(len(m) for m in grouped.values())
 
 
-async def publish_async(redis_client, prefix: str, jobs: Iterable[tuple[str, str]]) -> int:  # type: ignore[no-untyped-def]
+async def publish_async(redis_client, prefix: str, jobs: Iterable[tuple[str, str]]) -> int:
     """Publish ``(job_id, queue)`` pairs with an asyncio Redis client in one round trip; returns the count."""
     grouped = messages_by_key(prefix, jobs)
     async with redis_client.pipeline(transaction=False) as pipe:
@@ -100,6 +100,6 @@ async def publish_async(redis_client, prefix: str, jobs: Iterable[tuple[str, str
     return sum(len(m) for m in grouped.values())
 
 
-def queue_depth(redis_client, prefix: str, queue: str) -> int:  # type: ignore[no-untyped-def]
+def queue_depth(redis_client, prefix: str, queue: str) -> int:
     """Messages waiting in a queue's broker list (the autoscaling signal)."""
     return int(redis_client.llen(broker_key(prefix, queue)))

@@ -77,7 +77,7 @@ class SweepResult:
     published: int = 0
 
 
-def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int = 10_000) -> SweepResult:  # type: ignore[no-untyped-def]
+def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int = 10_000) -> SweepResult:
     """One pass of the sweeper (a no-op when another sweeper holds the lock). Raises if Redis is down."""
     with engine.connect() as conn:
         if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
@@ -93,7 +93,7 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
         if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
             conn.rollback()
             return SweepResult(acted=True, requeued=requeued, failed=failed)
-        rows = conn.execute(_UNDISPATCHED, {"age_s": settings.redispatch_after_s, "limit": limit}).all()
+        rows = list(conn.execute(_UNDISPATCHED, {"age_s": settings.redispatch_after_s, "limit": limit}).all())
         rows += _lost_messages(conn, redis_client, settings, limit)
         if not rows:
             conn.rollback()
@@ -109,7 +109,7 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
         return SweepResult(acted=True, requeued=requeued, failed=failed, published=len(rows))
 
 
-def _lost_messages(conn, redis_client, settings: Settings, limit: int) -> list:  # type: ignore[no-untyped-def]
+def _lost_messages(conn, redis_client, settings: Settings, limit: int) -> list:
     """Queued jobs whose messages Redis lost (restarted empty, evicted): long-published jobs outnumber the
     messages waiting in their queue. Every queued job normally has its own message, so a shortfall means loss;
     publishing again costs at most one no-op wake-up per job."""
@@ -129,7 +129,7 @@ def _lost_messages(conn, redis_client, settings: Settings, limit: int) -> list: 
 class SweeperThread(threading.Thread):
     """Runs ``sweep_once`` every ``settings.sweep_interval_s`` until stopped; errors are logged, never fatal."""
 
-    def __init__(self, engine: Engine, redis_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, engine: Engine, redis_client, settings: Settings) -> None:
         super().__init__(name="zimage-sweeper", daemon=True)
         self._engine = engine
         self._redis = redis_client

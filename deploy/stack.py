@@ -189,7 +189,7 @@ class Stack:
             raise
         return self
 
-    def _wait(self, name: str, probe, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    def _wait(self, name: str, probe, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             proc = self.procs[name]

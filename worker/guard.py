@@ -34,7 +34,7 @@ class BatchGuard:
         self.live = {j.id for j in jobs}
         self.reason: str | None = None  # why the batch was stopped: canceled | timeout | shutdown
         marker = ctx.settings.fault_crash_marker
-        self._crash = bool(marker) and any(marker in j.request["prompt"] for j in jobs)  # type: ignore[operator]
+        self._crash = bool(marker) and any(marker in j.request["prompt"] for j in jobs)
 
     def start(self) -> BatchGuard:
         """Start renewing the leases."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from PIL import Image
@@ -34,15 +35,15 @@ def db_call(ctx: WorkerContext, fn: Callable[[Connection], T], what: str) -> T:
 
 def fail(ctx: WorkerContext, jobs: Sequence[ClaimedJob], code: ErrorCode, message: str) -> int:
     """Record jobs as failed (fenced); how many were."""
-    return sum(
-        db_call(ctx, lambda conn, j=j: lifecycle.record_failure(conn, j, code=code, message=message), "record failure")
-        for j in jobs
-    )
+    failed = 0
+    for job in jobs:
+        failed += db_call(ctx, partial(lifecycle.record_failure, job=job, code=code, message=message), "record failure")
+    return failed
 
 
 def release(ctx: WorkerContext, jobs: Sequence[ClaimedJob]) -> int:
     """Give jobs back to the queue (fenced); how many were."""
-    return sum(db_call(ctx, lambda conn, j=j: lifecycle.release(conn, j), "release") for j in jobs)
+    return sum(db_call(ctx, partial(lifecycle.release, job=job), "release") for job in jobs)
 
 
 def store_job(ctx: WorkerContext, job: ClaimedJob, images: Sequence[Image.Image], inference_ms: int) -> str:
@@ -94,7 +95,7 @@ def _upload(ctx: WorkerContext, job: ClaimedJob, images: Sequence[Image.Image]) 
         )
         key = storage.result_key(job.tenant_id, job.id, index, EXTENSIONS[fmt])
         sha256 = retrying(
-            lambda k=key, d=data: storage.put_object_checked(ctx.s3, ctx.settings.s3_bucket, k, d, CONTENT_TYPES[fmt]),
+            partial(storage.put_object_checked, ctx.s3, ctx.settings.s3_bucket, key, data, CONTENT_TYPES[fmt]),
             backoff=backoff,
             what=f"upload {key}",
         )

@@ -187,7 +187,7 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
     return futures
 
 
-def _when_done(futures: list[Future[str]], then) -> None:  # type: ignore[no-untyped-def]
+def _when_done(futures: list[Future[str]], then) -> None:
     """Call ``then`` once every future is done (at once when there are none)."""
     left = [len(futures)]
     lock = threading.Lock()
