@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(3, ge=0, le=10)
 
     # --- batching ---
-    max_batch_images: int = Field(4, ge=1, le=64)
+    # A cap on images per pipeline call; the token budget below is what normally bounds a batch.
+    max_batch_images: int = Field(32, ge=1, le=64)
     # Image tokens (latent patches: (w/16)*(h/16)) one batch may hold; 1024x1024 is 4096 tokens.
     batch_token_budget: int = Field(8192, ge=256)
     # When a batch is not full and jobs of its group are arriving right now, wait this long to fill it.

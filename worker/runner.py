@@ -14,6 +14,8 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from core import lifecycle
 from core.errors import ServiceError
 from core.lifecycle import ClaimedJob
@@ -51,7 +53,8 @@ class Batch:
     guard: BatchGuard
     prepared: PreparedBatch | None = None  # generate jobs
     edits: list[EditRequest] | None = None  # edit jobs, their input images loaded
-    invalid: str | None = None  # why the engine refused the batch's input
+    invalid: str | None = None  # why the batch cannot run at all
+    code: ErrorCode = ErrorCode.INVALID_INPUT  # what its jobs fail with then
 
 
 @dataclass
@@ -97,6 +100,8 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
             batch.prepared = ctx.engine.prepare([image_request(j) for j in jobs])
     except ValueError as exc:  # the engine refused the input: running it again cannot help
         batch.invalid = str(exc)
+    except torch.OutOfMemoryError as exc:  # the text encoder did not fit: running it again will not either
+        batch.invalid, batch.code = f"out of memory while encoding prompts: {exc}", ErrorCode.OUT_OF_MEMORY
     return batch
 
 
@@ -151,7 +156,7 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
     jobs, guard = batch.jobs, batch.guard
     report.batches += 1
     if batch.invalid is not None:
-        report.ends["failed"] += fail(ctx, jobs, ErrorCode.INVALID_INPUT, batch.invalid)
+        report.ends["failed"] += fail(ctx, jobs, batch.code, batch.invalid)
         guard.close()
         return []
     if not jobs:  # every edit job of the batch had an unusable input

@@ -47,6 +47,18 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
     assert "environment" in results and results["parameters"]["transformer"] > 0
 
 
+def test_the_benches_import_on_a_bare_gpu_host() -> None:
+    # The GPU host has torch, transformers, accelerate, diffusers: no service packages.
+    code = (
+        "import sys\n"
+        "for name in ['celery', 'kombu', 'redis', 'sqlalchemy', 'pydantic', 'pydantic_settings', 'boto3',\n"
+        "             'botocore', 'fastapi', 'core', 'api']:\n"
+        "    sys.modules[name] = None\n"
+        "import bench.gpu, bench.engine_bench\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
 def test_full_configuration_has_the_published_sizes() -> None:
     # Built on the meta device: no memory, about a second. GPU.md: 6.15 B, 4.02 B and 84 M parameters.
     counts = count_parameters(FULL_SCALE)

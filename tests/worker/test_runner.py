@@ -30,7 +30,9 @@ from worker.runner import run_queue
 def ctx(settings: Settings) -> Iterator[WorkerContext]:
     """A worker context in this process (the sweeper off), on its own Redis prefix."""
     context = process.build_context(
-        settings.model_copy(update={"redis_prefix": f"runner-{secrets.token_hex(3)}:", "drain_s": 30.0}),
+        settings.model_copy(
+            update={"redis_prefix": f"runner-{secrets.token_hex(3)}:", "drain_s": 30.0, "max_batch_images": 4}
+        ),
         ("generate",),
         run_sweeper=False,
     )
