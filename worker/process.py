@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -69,6 +70,13 @@ def shutdown_overdue() -> bool:
     return _shutdown_deadline is not None and time.monotonic() > _shutdown_deadline
 
 
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority: encoding and uploads must not slow the accelerator's feeder threads
+    (on a CPU-only host they share the cores with inference itself)."""
+    with contextlib.suppress(OSError):  # not permitted here: run at normal priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: bool = True) -> WorkerContext:
     """Load the pipelines, warm them up, open connections, register the worker as ready."""
     global _context, _loads
@@ -103,7 +111,7 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         edit_engine=edit_engine,
         db=db,
         s3=s3,
-        uploads=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
+        uploads=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload", initializer=_yield_cpu),
         busy_base=engine.busy_seconds,
     )
     with db.begin() as conn:
