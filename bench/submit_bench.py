@@ -73,11 +73,13 @@ def run_mode(base: Settings, work: Path, *, group_commit: bool, duration: int, c
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     refused = int(non2xx.group(1)) if non2xx else 0
     db = make_engine(settings, pool_size=1)
-    with db.connect() as conn:
+    with db.begin() as conn:
         rows = conn.execute(
             text("SELECT count(*), count(dispatched_at) FROM jobs j JOIN tenants t ON t.id = j.tenant_id"
                  " WHERE t.name = :t"), {"t": tenant},
         ).one()
+        # The next mode runs with its own prefix: these queued rows must not look like its lost messages.
+        conn.execute(text("DELETE FROM jobs"))
     db.dispose()
     broker = redis.Redis.from_url(settings.redis_url)
     in_redis = int(broker.llen(broker_key(prefix, "generate")))
