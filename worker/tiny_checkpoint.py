@@ -134,8 +134,8 @@ def build_text_encoder(vocab_size: int, pad_token_id: int) -> Qwen3Model:
     return Qwen3Model(config).eval()
 
 
-def build_transformer() -> ZImageTransformer2DModel:
-    """A two-layer ZImageTransformer2DModel with the real RoPE table lengths."""
+def build_transformer(**extra: Any) -> ZImageTransformer2DModel:
+    """A two-layer ZImageTransformer2DModel with the real RoPE table lengths (``extra``: more config)."""
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,),
         all_f_patch_size=(1,),
@@ -150,6 +150,7 @@ def build_transformer() -> ZImageTransformer2DModel:
         # 512-token prompt padded to 32, then the image's frame index), 512 patches a side (2048 px: 128).
         axes_dims=[8, 12, 12],
         axes_lens=[1536, 512, 512],
+        **extra,
     ).eval()
     # At default init the prompt barely moves the image (about 10/255 at most); doubling every weight matrix
     # makes different prompts clearly different images, so tests can tell a wrong or double-wrapped prompt.

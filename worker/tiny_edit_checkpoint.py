@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_z_image import ZImageTransformer2
 from diffusers.pipelines.z_image.pipeline_z_image_omni import ZImageOmniPipeline
 from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 
-from worker.tiny_checkpoint import TEXT_HIDDEN, WEIGHT_GAIN, build_pipeline, has_marker, save_marked
+from worker.tiny_checkpoint import build_pipeline, build_transformer, has_marker, save_marked
 
 # Bump whenever the layout or sizes change: callers cache builds keyed on it.
 TINY_EDIT_CHECKPOINT_VERSION = 1
@@ -54,27 +54,8 @@ def build_siglip_processor() -> Siglip2ImageProcessor:
 
 
 def build_omni_transformer() -> ZImageTransformer2DModel:
-    """The tiny Turbo transformer's shape plus the SigLIP embedder and refiner (``siglip_feat_dim``)."""
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=64,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        cap_feat_dim=TEXT_HIDDEN,
-        siglip_feat_dim=SIGLIP_HIDDEN,
-        axes_dims=[8, 12, 12],
-        axes_lens=[1536, 512, 512],
-    ).eval()
-    # Same gain as the Turbo transformer, so prompts and condition images visibly change the output.
-    with torch.no_grad():
-        for param in transformer.parameters():
-            if param.ndim == 2:
-                param.mul_(WEIGHT_GAIN)
-    return transformer
+    """The tiny Turbo transformer's shape (and weight gain) plus the SigLIP embedder and refiner."""
+    return build_transformer(siglip_feat_dim=SIGLIP_HIDDEN)
 
 
 def build_omni_pipeline(seed: int = 0) -> ZImageOmniPipeline:
