@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from client import ApiError, ZImageClient
 from core.admin import create_key
+from deploy.seaweed import pick_ports
 from deploy.stack import ROOT, Stack, dev_settings
 
 OUT = ROOT / "demo-output"
@@ -42,6 +43,15 @@ PROMPTS = [
     ("neon sign that says OPEN above a noodle bar", 256, 256),
     ("秋天的故宫，红墙黄叶", 256, 384),
 ]
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _port(preferred: int) -> int:
@@ -117,7 +127,8 @@ def _gallery(entries: list[dict[str, Any]]) -> str:
 def run() -> int:
     """Run the demo; returns the process exit code."""
     run_dir = ROOT / ".run" / "demo"
-    api_port, s3_port = _port(8000), _port(8333)
+    # SeaweedFS also takes port + 10000 for gRPC: when 8333 is busy, let its own picker choose a valid pair.
+    api_port, s3_port = _port(8000), 8333 if _free(8333) and _free(18333) else pick_ports().s3
     settings = dev_settings(run_dir, s3_port=s3_port, api_port=api_port)
     stack = Stack(settings, run_dir, api_port=api_port, s3_port=s3_port)
     print(f"starting SeaweedFS (:{s3_port}), the API (:{api_port}) and a worker ({settings.turbo_model}) ...")

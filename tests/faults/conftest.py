@@ -13,8 +13,7 @@ import pytest
 from sqlalchemy import Engine
 
 from core.settings import Settings
-from deploy.seaweed import SeaweedServer
-from deploy.stack import free_port
+from deploy.seaweed import SeaweedServer, pick_ports
 from tests.faults.harness import Cluster, RedisServer, Row, format_table
 
 ROWS: list[Row] = []
@@ -38,7 +37,8 @@ def fault_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer
         access_key="fault",
         secret_key=secrets.token_urlsafe(16),
         bucket=f"faults-{secrets.token_hex(4)}",
-        s3_port=free_port(),
+        # Fixed for its restarts, and picked where its gRPC twin (+10000) is a valid free port too.
+        s3_port=pick_ports().s3,
     )
     with server:
         yield server
