@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     group_commit: bool = True
     max_body_bytes: int = Field(1 << 20, ge=1024)
 
+    @field_validator("edit_model", "attention_backend", "s3_endpoint_url", "s3_public_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if v == "" else v
+
     @field_validator("redis_prefix")
     @classmethod
     def _prefix_shape(cls, v: str) -> str:
