@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import io
+import shutil
 import signal
 import socket
 import statistics
@@ -168,7 +169,8 @@ def _submit_and_collect(client: ZImageClient) -> int:
         finished.update(client.wait([e["id"] for e in edits], timeout_s=900, on_update=show))
         jobs += edits
 
-    OUT.mkdir(exist_ok=True)
+    shutil.rmtree(OUT, ignore_errors=True)  # the demo's own folder: this run's images only
+    OUT.mkdir()
     entries, latencies, images = [], [], 0
     for job in jobs:
         done = finished[job["id"]]
