@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.auth import KeyCache
 from api.resources import Resources
 from core import errors
-from core.settings import Settings
 
 
 def get_resources(request: Request) -> Resources:
@@ -19,20 +17,6 @@ def get_resources(request: Request) -> Resources:
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
-
-
-def get_settings(res: ResourcesDep) -> Settings:
-    """The process settings."""
-    return res.settings
-
-
-def get_db(res: ResourcesDep) -> AsyncEngine:
-    """The async database engine."""
-    return res.db
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-DbDep = Annotated[AsyncEngine, Depends(get_db)]
 
 
 async def get_tenant(request: Request, res: ResourcesDep) -> str:

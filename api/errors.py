@@ -11,7 +11,6 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import errors
-from core.schemas import error_details
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +112,3 @@ async def _database_down_or_bug(request: Request, exc: Exception) -> JSONRespons
     if exc.connection_invalidated:
         return await _database_down(request, exc)
     return await _unexpected(request, exc)
-
-
-def validation_failed(exc) -> errors.ValidationFailed:
-    """A pydantic ValidationError as the service's 422."""
-    details = error_details(exc)
-    return errors.ValidationFailed("invalid request: " + ", ".join(d["field"] for d in details), details)

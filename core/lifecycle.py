@@ -28,9 +28,7 @@ class ClaimedJob:
     attempt: int
     max_attempts: int
     kind: str
-    group_key: str
     request: dict[str, Any]
-    created_at: Any
 
 
 def _in(status: JobStatus) -> str:
@@ -81,7 +79,7 @@ UPDATE jobs SET
     updated_at = clock_timestamp()
 FROM chosen
 WHERE jobs.id = chosen.id AND jobs.status IN ({_in(JobStatus.RUNNING)})
-RETURNING jobs.id, jobs.tenant_id, jobs.attempt, jobs.max_attempts, jobs.kind, jobs.group_key, jobs.request,
+RETURNING jobs.id, jobs.tenant_id, jobs.attempt, jobs.max_attempts, jobs.kind, jobs.request,
           jobs.created_at, jobs.priority
 """
 )
@@ -126,9 +124,7 @@ def claim_batch(
             attempt=r["attempt"],
             max_attempts=r["max_attempts"],
             kind=r["kind"],
-            group_key=r["group_key"],
             request=r["request"],
-            created_at=r["created_at"],
         )
         for r in rows
     ]
@@ -189,19 +185,6 @@ RETURNING id
 def renew_leases(conn: Connection, jobs: Sequence[ClaimedJob], *, lease_s: float) -> set[str]:
     """Extend the leases of the jobs this worker still holds (no progress change); returns their ids."""
     rows = conn.execute(_RENEW, {**_fence(jobs), "lease_s": lease_s}).scalars().all()
-    conn.commit()
-    return set(rows)
-
-
-def still_running(conn: Connection, jobs: Sequence[ClaimedJob]) -> set[str]:
-    """The ids among ``jobs`` that are still running under the attempt this worker claimed."""
-    rows = (
-        conn.execute(
-            text(f"SELECT id FROM jobs WHERE {_FENCED} AND status = '{JobStatus.RUNNING}'"), _fence(jobs)
-        )
-        .scalars()
-        .all()
-    )
     conn.commit()
     return set(rows)
 

@@ -260,14 +260,6 @@ class JobPage(BaseModel):
     next_cursor: str | None
 
 
-class ErrorDetail(BaseModel):
-    """One problem in a request: the field path and what is wrong with it."""
-
-    field: str
-    message: str
-    index: int | None = None
-
-
 class ErrorInfo(BaseModel):
     """The error of an error body."""
 
