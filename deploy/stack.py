@@ -192,14 +192,14 @@ class Stack:
     def _wait(self, name: str, probe, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise StackError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            exited = self.procs[name].poll() is not None
             try:
-                if probe():
+                if probe():  # it got ready (a worker may die right after, on its first job: the caller sees that)
                     return
             except Exception:
                 pass
+            if exited:
+                raise StackError(f"{name} exited with {self.procs[name].returncode}:\n{self.log_tail(name)}")
             time.sleep(0.2)
         raise StackError(f"{name} not ready after {timeout_s:.0f} s:\n{self.log_tail(name)}")
 

@@ -134,21 +134,29 @@ def run_queue(ctx: WorkerContext, queue: str) -> DrainReport:
     batch = claim(ctx, queue)
     while batch is not None:
         more = time.monotonic() < deadline and not process.shutdown_requested()
-        # A batch of a job that already lost a worker may crash this one too: claim nothing ahead of it.
+        # A batch of a job that already lost a worker may crash this one too: nothing may be at risk with it,
+        # neither a batch claimed ahead nor the results of earlier batches still being stored.
         suspect = any(j.attempt > 1 for j in batch.jobs)
+        if suspect:
+            _settle(pending, report)
         following = ctx.prefetch.submit(claim, ctx, queue, ahead=True) if more and not suspect else None
         pending += run_batch(ctx, batch, report)
-        if following is not None:
-            batch = following.result()
-        else:
-            batch = claim(ctx, queue) if more and suspect and not process.shutdown_requested() else None
+        batch = following.result() if following is not None else None
+        if batch is None and more and not process.shutdown_requested():
+            batch = claim(ctx, queue)  # nothing fresh was queued ahead: take what is queued now, retries too
         if batch is not None and process.shutdown_requested():
             report.ends["released"] += release(ctx, batch.jobs)
             batch.guard.close()
             batch = None
-    for future in pending:  # the task ends (and its message is acked) once its results are recorded
-        report.ends[future.result()] += 1
+    _settle(pending, report)  # the task ends (and its message is acked) once its results are recorded
     return report
+
+
+def _settle(pending: list[Future[str]], report: DrainReport) -> None:
+    """Wait for the stored results of earlier batches to be recorded, and count how they ended."""
+    for future in pending:
+        report.ends[future.result()] += 1
+    pending.clear()
 
 
 def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Future[str]]:

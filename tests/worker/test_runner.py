@@ -220,3 +220,31 @@ def test_the_worker_waits_to_fill_a_batch_only_while_a_burst_is_arriving(ctx, db
         assert not _filling(ctx, "generate")  # the burst is over
     finally:
         ctx.settings = saved
+
+
+def test_a_retried_job_runs_only_once_earlier_results_are_recorded(ctx, db, tenant, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import worker.runner as runner
+
+    fresh, retried = add_jobs(db, tenant, 2)
+    with db.begin() as conn:  # it lost a worker once: it may be the job that crashes workers
+        conn.execute(text("UPDATE jobs SET attempt = 1 WHERE id = :id"), {"id": retried})
+    slow_store = runner.store_job
+
+    def store_slowly(*args: Any) -> str:
+        time.sleep(0.5)  # the upload of the fresh job is still going when the retried job is claimed
+        return slow_store(*args)
+
+    seen: dict[str, tuple[str, str | None]] = {}
+    run_batch = runner.run_batch
+
+    def watch(ctx_: WorkerContext, batch: Any, report: Any) -> Any:
+        if any(j.id == retried for j in batch.jobs):
+            seen.update(ends(db, [fresh]))
+        return run_batch(ctx_, batch, report)
+
+    monkeypatch.setattr(runner, "store_job", store_slowly)
+    monkeypatch.setattr(runner, "run_batch", watch)
+    report = run_queue(ctx, "generate")
+    # Were the retried job to crash the worker, the fresh job's finished image would not be lost with it.
+    assert seen == {fresh: ("succeeded", None)}
+    assert report.batches == 2 and report.ends["succeeded"] == 2
