@@ -90,3 +90,16 @@ def test_bad_arguments_are_refused(picture: Image.Image) -> None:
 def test_content_types_and_extensions_cover_every_format() -> None:
     assert CONTENT_TYPES == {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
     assert EXTENSIONS == {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+def test_png_keeps_the_pixels_of_any_mode(picture: Image.Image, mode: str) -> None:
+    source = picture.convert(mode)
+    image = decode(encode_image(source, "png"))
+    expected = source if mode in ("RGB", "RGBA", "L") else source.convert("RGB")
+    assert image.mode == expected.mode
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_a_higher_png_level_gives_no_more_bytes(picture: Image.Image) -> None:
+    assert len(encode_image(picture, "png", png_level=9)) <= len(encode_image(picture, "png", png_level=1))
