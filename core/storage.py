@@ -105,7 +105,7 @@ def make_s3_client(
         timeout_s=timeout_s,
         attempts=attempts,
         # Every upload thread holds a connection while it sends; a few spare serve presigns and reads.
-        max_pool_connections=settings.upload_threads + 4,
+        max_pool_connections=(settings.upload_threads or 4) + 4,
     )
 
 

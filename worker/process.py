@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import torch
 from sqlalchemy import Engine, text
 
 from core import storage
@@ -77,6 +78,11 @@ def _yield_cpu() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
+def upload_threads(settings: Settings, device: torch.device) -> int:
+    """Encode + upload threads: the setting, or 4 beside an accelerator and 1 where inference runs on the CPU."""
+    return settings.upload_threads or (1 if device.type == "cpu" else 4)
+
+
 def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: bool = True) -> WorkerContext:
     """Load the pipelines, warm them up, open connections, register the worker as ready."""
     global _context, _loads
@@ -111,7 +117,9 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         edit_engine=edit_engine,
         db=db,
         s3=s3,
-        uploads=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload", initializer=_yield_cpu),
+        uploads=ThreadPoolExecutor(
+            upload_threads(settings, engine.device), thread_name_prefix="upload", initializer=_yield_cpu
+        ),
         busy_base=engine.busy_seconds,
     )
     with db.begin() as conn:

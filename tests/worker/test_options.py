@@ -86,3 +86,12 @@ def test_compile_transformer_is_applied(tiny_turbo_dir: Path) -> None:
     assert transformer._compiled_call_impl is None
     plain = Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32")
     assert plain.pipe.transformer.layers[0]._compiled_call_impl is None
+
+
+def test_upload_threads_default_to_one_beside_cpu_inference_and_four_beside_a_gpu() -> None:
+    from core.settings import Settings
+    from worker.process import upload_threads
+
+    assert upload_threads(Settings(), torch.device("cpu")) == 1
+    assert upload_threads(Settings(), torch.device("cuda", 0)) == 4
+    assert upload_threads(Settings(upload_threads=6), torch.device("cpu")) == 6
