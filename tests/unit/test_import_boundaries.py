@@ -52,3 +52,15 @@ def test_core_modules_import_no_framework() -> None:
     modules = _core_modules()
     assert {"core.schemas", "core.status", "core.queue", "core.submission", "core.sweeper"} <= set(modules)
     assert _loaded_by(modules, ["fastapi", "starlette", "celery", "kombu", "torch", "diffusers"]) == {}
+
+
+def test_the_worker_app_sets_the_openmp_wait_policy_before_torch_loads() -> None:
+    code = (
+        "import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import worker.app, worker.tasks; "
+        "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # Set by worker.app, whose import comes before worker.tasks loads torch.
+    assert out.stdout.split()[-2:] == ["PASSIVE", "True"]
+    assert _loaded_by(["worker.app"], ["torch"]) == {}
