@@ -39,8 +39,6 @@ class Settings(BaseSettings):
     # Threads that encode and upload results; unset: 4 on a GPU worker, 1 on a CPU-only one, where every extra
     # thread takes CPU from inference itself (measured: 4 threads cost 20-30% of a 2-core worker's throughput).
     upload_threads: int | None = Field(None, ge=1, le=64)
-    # zlib level of PNG results: 1 is 2-6x faster to write than 6 for files about 15% larger (see worker/png.py).
-    png_compress_level: int = Field(1, ge=0, le=9)
 
     # --- models ---
     # A hub id or a local path; the default is the tiny random-weight checkpoint that `make demo` builds.

@@ -27,12 +27,11 @@ def encode_image(
     *,
     quality: int = 90,
     text: Mapping[str, str] | None = None,
-    png_level: int = 1,
 ) -> bytes:
     """Encode ``image`` as ``fmt``; ``text`` goes in PNG iTXt chunks or in JPEG/WEBP EXIF as JSON.
 
-    PNG goes through ``worker.png`` (one filter pass, zlib at ``png_level``), several times faster than Pillow's
-    encoder; JPEG and WEBP through Pillow at ``quality``.
+    PNG goes through ``worker.png``, several times faster than Pillow's encoder; JPEG and WEBP through Pillow at
+    ``quality``.
     """
     if fmt not in _PIL_FORMATS:
         raise ValueError(f"unknown image format {fmt!r}: use one of {', '.join(_PIL_FORMATS)}")
@@ -40,7 +39,7 @@ def encode_image(
         raise ValueError(f"quality must be between 1 and 100, got {quality}")
     if fmt == "png":
         pixels = image if image.mode in ("L", "RGB", "RGBA") else image.convert("RGBA" if "A" in image.mode else "RGB")
-        return write_png(np.asarray(pixels), text=text, level=png_level)
+        return write_png(np.asarray(pixels), text=text)
     # JPEG has no alpha channel; WEBP has one, but generated images never carry it.
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     options: dict[str, object] = {"quality": quality}

@@ -1,10 +1,10 @@
 """A fast PNG writer for generated images: one vectorised filter pass and one zlib call.
 
-Pillow's PNG encoder tries every filter on every row (adaptive filtering) and defaults to zlib level 6. Generated
-images gain little from that search: the "Up" filter on every row, computed for the whole image with one numpy
-subtraction, then one ``zlib.compress`` (which releases the GIL). Measured on the 2-core development machine
-(Pillow level 6 against this writer at level 1): 256² noise 13.6 → 6.1 ms; 1024² noise 195 → 78 ms; a smooth
-1024² image 351 → 55 ms for a file 15% larger (1.87 MiB against 1.63 MiB).
+Pillow's PNG encoder tries every filter on every row (adaptive filtering) with zlib's default strategy at level 6.
+Generated images gain little from that search: here the "Up" filter on every row is computed for the whole image
+with one numpy subtraction, then deflated once with run-length matches only (zlib releases the GIL meanwhile).
+Measured on the 2-core development machine, Pillow against this writer: 256² noise 11.5 → 1.8 ms (193 KiB
+both); 1024² noise 151 → 32 ms; a smooth, photo-like 1024² image 271 → 33 ms, 1665 against 1666 KiB.
 
 The output is a plain, valid PNG (8-bit grayscale, RGB or RGBA; iTXt chunks for UTF-8 metadata) that any
 decoder reads; tests decode it with Pillow and compare every pixel.
@@ -61,6 +61,10 @@ def write_png(pixels: np.ndarray, *, text: Mapping[str, str] | None = None, leve
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[channels], 0, 0, 0)
     parts = [SIGNATURE, _chunk(b"IHDR", header)]
     parts += [_itxt(str(k), str(v)) for k, v in (text or {}).items()]
-    parts.append(_chunk(b"IDAT", zlib.compress(filtered_rows(pixels), level)))
+    # Run-length matches only: after the Up filter, smooth regions are runs of small values, so for photographic
+    # images this is both faster than zlib's default strategy and smaller (a 1024² photo-like image: 30 ms and
+    # 54% of raw, against 48 ms and 62% at level 1 with the default strategy).
+    deflate = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    parts.append(_chunk(b"IDAT", deflate.compress(filtered_rows(pixels)) + deflate.flush()))
     parts.append(_chunk(b"IEND", b""))
     return b"".join(parts)

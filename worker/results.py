@@ -91,7 +91,6 @@ def _upload(ctx: WorkerContext, job: ClaimedJob, images: Sequence[Image.Image]) 
             image,
             fmt,
             quality=r["output_quality"],
-            png_level=ctx.settings.png_compress_level,
             text={"job_id": job.id, "prompt": r["prompt"], "seed": str(seed), "model": ctx.engine.model_id},
         )
         key = storage.result_key(job.tenant_id, job.id, index, EXTENSIONS[fmt])

@@ -99,7 +99,3 @@ def test_png_keeps_the_pixels_of_any_mode(picture: Image.Image, mode: str) -> No
     expected = source if mode in ("RGB", "RGBA", "L") else source.convert("RGB")
     assert image.mode == expected.mode
     assert np.array_equal(np.asarray(image), np.asarray(expected))
-
-
-def test_a_higher_png_level_gives_no_more_bytes(picture: Image.Image) -> None:
-    assert len(encode_image(picture, "png", png_level=9)) <= len(encode_image(picture, "png", png_level=1))

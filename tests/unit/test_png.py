@@ -45,13 +45,16 @@ def test_the_up_filter_wraps_modulo_256() -> None:
     assert filtered_rows(pixels) == bytes([2, 250, 2, 9])
 
 
-def test_a_smooth_image_compresses() -> None:
+def test_flat_regions_and_gradients_compress() -> None:
     y, x = np.mgrid[0:128, 0:128]
-    pixels = np.stack([x * 2, y * 2, x + y], axis=-1).astype(np.uint8)
-    data = write_png(pixels)
-    assert len(data) < pixels.nbytes / 10
-    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
-    assert len(zlib.decompress(idat)) == 128 * (128 * 3 + 1)
+    flat = np.zeros((128, 128, 3), dtype=np.uint8)
+    flat[32:96, 32:96] = (200, 30, 90)  # a plain background with a block of colour
+    gradient = np.stack([x * 2, y * 2, x + y], axis=-1).astype(np.uint8)
+    for pixels, at_most in ((flat, 1 / 50), (gradient, 1 / 3)):
+        data = write_png(pixels)
+        assert len(data) < pixels.nbytes * at_most
+        idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
+        assert len(zlib.decompress(idat)) == 128 * (128 * 3 + 1)
 
 
 @pytest.mark.parametrize(
