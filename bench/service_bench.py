@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for name, jobs in plans:
                 part = max(4, len(jobs) // args.naive_share)
-                run_naive(jobs[:1], pipe)  # untimed: this size's first call
+                # Untimed: each side's first call at this size (allocator, RoPE tables), as bench.engine_bench does.
+                run_naive(jobs[:1], pipe)
+                run_workload(stack, db, f"{name} (warm-up)", jobs[:1])
                 before = run_naive(jobs[:part], pipe)
                 row = run_workload(stack, db, name, jobs)
                 rows.append(with_naive(row, before, run_naive(jobs[-part:], pipe)))
