@@ -171,7 +171,7 @@ class Stack:
                 )
 
         try:
-            self._wait(name, ready, timeout_s)
+            self._wait(name, ready, timeout_s, probe_names_process=True)
         finally:
             db.dispose()
         return proc
@@ -189,12 +189,18 @@ class Stack:
             raise
         return self
 
-    def _wait(self, name: str, probe, timeout_s: float) -> None:
+    def _wait(self, name: str, probe, timeout_s: float, *, probe_names_process: bool = False) -> None:
+        """Wait until ``probe()`` is true; a part that exits first failed to start.
+
+        ``probe_names_process``: the probe asks about this very process (a worker's row holds its pid), so a
+        true answer after it exited means it got ready and died later (on its first job: the caller sees that);
+        a port probe could be answered by some other process, so there an exit always counts as a failure.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             exited = self.procs[name].poll() is not None
             try:
-                if probe():  # it got ready (a worker may die right after, on its first job: the caller sees that)
+                if (probe_names_process or not exited) and probe():
                     return
             except Exception:
                 pass
