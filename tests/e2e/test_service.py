@@ -7,7 +7,6 @@ import hashlib
 import io
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,14 +53,6 @@ def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
     run.stop()
 
 
-@pytest.fixture(scope="module")
-def direct_pipe(tiny_turbo_dir: Path) -> ZImagePipeline:
-    """The plain diffusers pipeline the service's images are compared with."""
-    pipe = ZImagePipeline.from_pretrained(str(tiny_turbo_dir), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _direct(pipe: ZImagePipeline, prompt: str, width: int, height: int, seed: int) -> np.ndarray:
     image = pipe(
         prompt=prompt,
@@ -79,7 +70,7 @@ def test_jobs_run_end_to_end(
     settings: Settings,
     new_key,
     db: Engine,
-    direct_pipe: ZImagePipeline,  # type: ignore[no-untyped-def]
+    reference: ZImagePipeline,  # type: ignore[no-untyped-def]
 ) -> None:
     requests = []
     for i in range(20):
@@ -139,7 +130,7 @@ def test_jobs_run_end_to_end(
                 assert out["seed"] == req["seed"] + out["index"]
                 if out["format"] == "png":
                     assert image.text["job_id"] == job["id"] and image.text["prompt"] == req["prompt"]
-                    expected = _direct(direct_pipe, req["prompt"], req["width"], req["height"], out["seed"])
+                    expected = _direct(reference, req["prompt"], req["width"], req["height"], out["seed"])
                     got = np.asarray(image.convert("RGB"), dtype=np.int16)
                     assert np.abs(got - expected).max() <= 2, job["id"]
 

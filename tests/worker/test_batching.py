@@ -16,14 +16,6 @@ from worker.engine.batching import halves, plan_calls
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_turbo_dir: Path) -> ZImagePipeline:
-    """A plainly loaded pipeline for the single calls."""
-    pipe = ZImagePipeline.from_pretrained(tiny_turbo_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_turbo_dir: Path) -> Engine:
     """An engine with the default call planning."""
     return Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32")

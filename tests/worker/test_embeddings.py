@@ -15,14 +15,6 @@ from tests.worker.test_engine import EN_300, EN_LONG, EN_SHORT, TOLERANCE, ZH, d
 from worker.engine import EmbeddingCache, Engine, PromptEncoder
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_turbo_dir: Path) -> ZImagePipeline:
-    """A plainly loaded pipeline: its own encode_prompt and single calls are the reference."""
-    pipe = ZImagePipeline.from_pretrained(tiny_turbo_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
 def engine(tiny_turbo_dir: Path) -> Engine:
     """A fresh engine (empty cache) per test."""

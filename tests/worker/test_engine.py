@@ -43,14 +43,6 @@ def engine(tiny_turbo_dir: Path) -> Engine:
     return Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_turbo_dir: Path) -> ZImagePipeline:
-    """A separate, plainly loaded pipeline for the single-image calls the engine must reproduce."""
-    pipe = ZImagePipeline.from_pretrained(tiny_turbo_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
 def passes(engine: Engine) -> Iterator[list[int]]:
     """Counts the engine's transformer forward passes during one test."""

@@ -13,14 +13,6 @@ from tests.worker.test_engine import EN_LONG, EN_SHORT, TOLERANCE, ZH, diff, ima
 from worker.engine import Engine, OutOfMemory
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_turbo_dir: Path) -> ZImagePipeline:
-    """A plainly loaded pipeline for the single calls."""
-    pipe = ZImagePipeline.from_pretrained(tiny_turbo_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def engine_with(tiny_turbo_dir: Path, **options: Any) -> Engine:
     """An engine on the tiny checkpoint with the given options."""
     return Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32", **options)
