@@ -30,6 +30,11 @@ class ClaimedJob:
     kind: str
     request: dict[str, Any]
 
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seed of each output image: image i uses the request's seed + i."""
+        return tuple(self.request["seed"] + i for i in range(self.request["num_images"]))
+
 
 def _in(status: JobStatus) -> str:
     """SQL list of the statuses from which ``status`` may be reached."""

@@ -40,7 +40,7 @@ def edit_request(ctx: WorkerContext, job: ClaimedJob) -> EditRequest:
         steps=r["steps"],
         guidance_scale=r["guidance_scale"],
         strength=r.get("strength", 0.6),
-        seeds=tuple(r["seed"] + i for i in range(r["num_images"])),
+        seeds=job.seeds,
         negative_prompt=r.get("negative_prompt"),
     )
 

@@ -85,8 +85,7 @@ def _upload(ctx: WorkerContext, job: ClaimedJob, images: Sequence[Image.Image]) 
     fmt = r["output_format"]
     backoff = Backoff(deadline_s=ctx.settings.storage_retry_s)
     outputs = []
-    for index, image in enumerate(images):
-        seed = r["seed"] + index
+    for index, (image, seed) in enumerate(zip(images, job.seeds, strict=True)):
         data = encode_image(
             image,
             fmt,

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def image_request(job: ClaimedJob) -> ImageRequest:
-    """The engine request of a generate job: image i uses seed + i."""
+    """The engine request of a generate job."""
     r = job.request
     return ImageRequest(
         prompt=r["prompt"],
@@ -40,7 +40,7 @@ def image_request(job: ClaimedJob) -> ImageRequest:
         height=r["height"],
         steps=r["steps"],
         guidance_scale=r["guidance_scale"],
-        seeds=tuple(r["seed"] + i for i in range(r["num_images"])),
+        seeds=job.seeds,
         negative_prompt=r.get("negative_prompt"),
     )
 
