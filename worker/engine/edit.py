@@ -25,6 +25,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from PIL import Image, ImageOps
 from safetensors import safe_open
 
+from worker.engine.decode import decode_latents
 from worker.engine.run import BatchInterrupted
 
 log = logging.getLogger(__name__)
@@ -237,15 +238,15 @@ class EditEngine:
             guidance_scale=first.guidance_scale,
             num_images_per_prompt=1,
             generator=generators,
-            # Latents out, decoded one image at a time below: a batched bf16 VAE decode rounds differently
-            # from a single one (measured up to 4/255 on the tiny checkpoint), and one image at a time also
+            # Latents out, decoded by decode_latents as the generate path does: one image per call in bf16 (a
+            # batched bf16 decode rounds differently from a single one), small chunks in float32; that also
             # bounds the decoder's activation memory, the peak of a large batch.
             output_type="latent",
             callback_on_step_end=progress.callback,
             **inputs,
         )
         progress.raise_if_stopped()
-        return [_decode(pipe, latents) for latents in output.images]
+        return decode_latents(pipe.vae, output.images)
 
 
 class _Progress:
@@ -289,15 +290,6 @@ def _plan(requests: Sequence[EditRequest]) -> list[_Call]:
         steps = first.steps if first.mode == "instruct" else denoising_steps(first.steps, first.strength)
         calls.append(_Call(first.mode, tuple(indices), steps))
     return calls
-
-
-@torch.no_grad()
-def _decode(pipe: Any, latents: torch.Tensor) -> Image.Image:
-    """One image's latents to a PIL image, exactly as the Z-Image pipelines decode (batch of one)."""
-    latents = latents.unsqueeze(0).to(pipe.vae.dtype)
-    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def _turbo_components(turbo: ZImagePipeline) -> dict[str, Any]:
