@@ -22,8 +22,3 @@ def client(settings: Settings) -> Iterator[TestClient]:
 def key(new_key) -> str:  # type: ignore[no-untyped-def]
     """An API key of a fresh tenant."""
     return new_key()
-
-
-def auth(key: str) -> dict[str, str]:
-    """The Authorization header for ``key``."""
-    return {"Authorization": f"Bearer {key}"}

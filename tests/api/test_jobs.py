@@ -23,7 +23,7 @@ from core.apikeys import hash_key
 from core.db import make_async_engine
 from core.schemas import MAX_SEED, JobRequest
 from core.settings import Settings
-from tests.api.conftest import auth
+from tests.helpers.api import auth
 
 JOB_KEYS = {
     "id", "object", "status", "kind", "request", "batch_id", "priority", "attempts", "progress", "queue_position",

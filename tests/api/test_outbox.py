@@ -21,7 +21,7 @@ from core.apikeys import hash_key
 from core.db import make_async_engine
 from core.settings import Settings
 from core.sweeper import sweep_once
-from tests.api.conftest import auth
+from tests.helpers.api import auth
 
 CLOSED_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused at once
 CLOSED_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:1/zimage"

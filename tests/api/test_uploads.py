@@ -21,7 +21,7 @@ from api.routes import uploads as uploads_route
 from core import storage
 from core.models import api_keys, uploads
 from core.settings import Settings
-from tests.api.conftest import auth
+from tests.helpers.api import auth
 
 URL = "/v1/uploads"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 
-from tests.worker.test_engine import EN_300, EN_LONG, EN_SHORT, TOLERANCE, ZH, diff, images_of, request, single
+from tests.helpers.engine import EN_300, EN_LONG, EN_SHORT, TOLERANCE, ZH, diff, images_of, request, single
 from worker.engine import EmbeddingCache, Engine, PromptEncoder
 
 

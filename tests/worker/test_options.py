@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName
 
-from tests.worker.test_engine import diff, images_of, request
+from tests.helpers.engine import diff, images_of, request
 from worker.engine import ATTENTION_BACKENDS, Engine, resolve_options
 
 MISSING = "/nonexistent/model"  # a bad option must be reported before the loader ever looks for weights

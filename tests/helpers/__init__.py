@@ -1,0 +1,1 @@
+"""Plain helpers shared by test modules: constants and functions, no fixtures and no tests."""
