@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := checkpoints/tiny/turbo
 
-.PHONY: install checkpoint migrate up down demo test test-faults bench bench-submit bench-gpu lint clean
+.PHONY: install checkpoint migrate up down demo test test-quick test-faults bench bench-submit bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ demo: install checkpoint  ## the main job: stack up, 16+ prompts, progress, imag
 
 test: install  ## every test, against real Postgres, Redis, SeaweedFS and the tiny pipeline (faults included)
 	$(PY) -m pytest
+
+test-quick: install  ## unit, API and queue tests: no worker, engine, e2e, faults or storage suites (< 2 min)
+	$(PY) -m pytest tests/unit tests/api tests/queue -q
 
 test-faults: install  ## the fault-injection suite alone; prints the fault table
 	$(PY) -m pytest tests/faults
