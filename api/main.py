@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.auth import KeyCache
+from api.multipart import MULTIPART_OVERHEAD
 from api.resources import Resources
 from api.routes import health, jobs, uploads
 from api.submit import GroupCommitter
@@ -133,7 +134,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(jobs.router)
     app.include_router(uploads.router)
     # Uploads carry images up to 20 MiB (their route streams with its own hard cap); JSON bodies stay small.
-    upload_limit = MAX_IMAGE_BYTES + uploads.MULTIPART_OVERHEAD
+    upload_limit = MAX_IMAGE_BYTES + MULTIPART_OVERHEAD
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/uploads": (upload_limit, "file")}
     )
