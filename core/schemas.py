@@ -60,14 +60,18 @@ class ImageRef(_Strict):
 
 
 class LoraRef(_Strict):
-    """A LoRA adapter applied to a job, with its scale."""
+    """A LoRA adapter applied to a job, with its scale (the shape only: adapters are refused until served)."""
 
     adapter_id: Annotated[str, StringConstraints(pattern=r"^lora_[0-9a-z]{10,64}$")]
     scale: float = Field(1.0, ge=0, le=2)
 
 
 class JobRequest(_Strict):
-    """A job request (POST /v1/jobs, and each line of a batch), exactly as API.md specifies it."""
+    """A job request (POST /v1/jobs, and each line of a batch), exactly as API.md specifies it.
+
+    ``webhook_url`` and ``loras`` keep their shape so clients stay compatible, but until webhooks and adapters
+    are served a request that sets either is refused naming the field (a non-null URL, a non-empty list).
+    """
 
     kind: Literal["generate", "edit"] = "generate"
     mode: Literal["instruct", "img2img", "inpaint"] | None = Field(None, validate_default=True)
@@ -85,9 +89,11 @@ class JobRequest(_Strict):
     mask: ImageRef | None = Field(None, validate_default=True)
     strength: float = Field(0.6, ge=0, le=1)
     priority: int = Field(5, ge=0, le=9)
-    webhook_url: HttpUrl | None = None
+    webhook_url: HttpUrl | None = Field(None, description="Refused until webhooks are served: poll the job.")
     metadata: dict[str, Any] = Field(default_factory=dict)
-    loras: list[LoraRef] = Field(default_factory=list, max_length=3)
+    loras: list[LoraRef] = Field(
+        default_factory=list, max_length=3, description="Refused when non-empty until adapters are served."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -110,9 +116,19 @@ class JobRequest(_Strict):
 
     @field_validator("webhook_url")
     @classmethod
-    def _https_only(cls, v: HttpUrl | None) -> HttpUrl | None:
+    def _webhook_not_served(cls, v: HttpUrl | None) -> HttpUrl | None:
         if v is not None and v.scheme != "https":
             raise ValueError("webhook_url must be an https URL")
+        if v is not None:
+            # Nothing would ever call it: refuse rather than store a promise the service does not keep.
+            raise ValueError("webhooks are not served yet; poll GET /v1/jobs/{id}")
+        return v
+
+    @field_validator("loras")
+    @classmethod
+    def _adapters_not_served(cls, v: list[LoraRef]) -> list[LoraRef]:
+        if v:
+            raise ValueError("adapters are not served yet")
         return v
 
     @field_validator("metadata")

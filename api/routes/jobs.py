@@ -43,10 +43,6 @@ async def create_job(
     if req.kind == "edit":
         async with res.db.connect() as conn:
             await check_refs(conn, tenant, req, allow_hosts=res.settings.fetch_allow_hosts)
-    if req.loras:
-        raise errors.ValidationFailed(
-            "unknown adapter", [{"field": "loras.0.adapter_id", "message": "no such adapter for this tenant"}]
-        )
     job, created = await submit_job(res, tenant_id=tenant, req=req, idempotency_key=idempotency_key)
     # A JSONResponse skips FastAPI's re-validation of the job object: the hot path of bulk submission.
     return JSONResponse(job, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job['id']}"})

@@ -316,6 +316,27 @@ def test_each_field_rule_is_a_422_naming_the_field(
     assert field in {d["field"] for d in error["details"]}
 
 
+@pytest.mark.parametrize(
+    ("extra", "field", "message"),
+    [
+        (
+            {"webhook_url": "https://hooks.example.com/zimage"},
+            "webhook_url",
+            "webhooks are not served yet; poll GET /v1/jobs/{id}",
+        ),
+        ({"loras": [{"adapter_id": "lora_0123456789abcdef"}]}, "loras", "adapters are not served yet"),
+    ],
+    ids=["webhook", "loras"],
+)
+def test_surface_that_is_not_served_is_a_422_and_creates_nothing(
+    client: TestClient, key: str, db: Engine, extra: dict[str, Any], field: str, message: str
+) -> None:
+    r = client.post("/v1/jobs", json={"prompt": "a lighthouse at dusk", **extra}, headers=auth(key))
+    error = assert_error(r, 422, "validation_error")
+    assert error["details"] == [{"field": field, "message": message}]
+    assert count_jobs(db, tenant_of(db, key)) == 0
+
+
 def test_a_body_over_the_limit_is_413(client: TestClient, key: str, settings: Settings, db: Engine) -> None:
     body = json.dumps({"prompt": "x", "metadata": {"pad": "p" * settings.max_body_bytes}}).encode()
     r = client.post("/v1/jobs", content=body, headers={**auth(key), "Content-Type": "application/json"})

@@ -275,9 +275,13 @@ def test_nested_metadata_is_echoed() -> None:
     assert parse(metadata=meta).normalized()["metadata"] == meta
 
 
-def test_https_webhook_is_accepted() -> None:
-    req = parse(webhook_url="https://hooks.example.com/zimage?x=1")
-    assert str(req.webhook_url) == "https://hooks.example.com/zimage?x=1"
+def test_a_valid_webhook_is_refused_until_webhooks_are_served() -> None:
+    details = refused(webhook_url="https://hooks.example.com/zimage?x=1")
+    assert details == [{"field": "webhook_url", "message": "webhooks are not served yet; poll GET /v1/jobs/{id}"}]
+
+
+def test_a_null_webhook_is_the_default() -> None:
+    assert parse(webhook_url=None).webhook_url is None
 
 
 @pytest.mark.parametrize(
@@ -287,10 +291,20 @@ def test_webhook_must_be_https(url: str) -> None:
     assert fields_of(refused(webhook_url=url)) == {"webhook_url"}
 
 
-def test_up_to_three_loras_with_scale_0_to_2() -> None:
-    loras = [{"adapter_id": LORA, "scale": 0}, {"adapter_id": LORA, "scale": 2}, {"adapter_id": LORA}]
-    req = parse(loras=loras)
-    assert [lo.scale for lo in req.loras] == [0, 2, 1.0]
+@pytest.mark.parametrize(
+    "loras",
+    [
+        [{"adapter_id": LORA}],
+        [{"adapter_id": LORA, "scale": 0}, {"adapter_id": LORA, "scale": 2}, {"adapter_id": LORA}],
+    ],
+    ids=["one", "three"],
+)
+def test_valid_loras_are_refused_until_adapters_are_served(loras: list[dict[str, Any]]) -> None:
+    assert refused(loras=loras) == [{"field": "loras", "message": "adapters are not served yet"}]
+
+
+def test_an_empty_lora_list_is_the_default() -> None:
+    assert parse(loras=[]).loras == []
 
 
 def test_four_loras_are_refused() -> None:
@@ -430,10 +444,10 @@ def test_normalized_generate_has_every_default_and_no_edit_fields() -> None:
 
 
 def test_normalized_keeps_a_given_seed_and_is_plain_json() -> None:
-    data = parse(seed=MAX_SEED, webhook_url="https://hooks.example.com/h", loras=[{"adapter_id": LORA}]).normalized()
+    data = parse(seed=MAX_SEED, metadata={"order": 1}).normalized()
     assert data["seed"] == MAX_SEED
-    assert data["webhook_url"] == "https://hooks.example.com/h"
-    assert data["loras"] == [{"adapter_id": LORA, "scale": 1.0}]
+    assert data["webhook_url"] is None
+    assert data["loras"] == []
     assert json.loads(json.dumps(data)) == data
 
 
