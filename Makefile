@@ -16,8 +16,10 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 
 TINY_EDIT := checkpoints/tiny/edit
 
-$(TINY)/tiny_checkpoint.json: $(STAMP) worker/tiny_checkpoint.py worker/tiny_edit_checkpoint.py
-	$(PY) -m worker.tiny_checkpoint $(TINY) --edit $(TINY_EDIT)
+# The Edit checkpoint first: the Turbo marker, written last, is what says both builds finished.
+$(TINY)/tiny_checkpoint.json: $(STAMP) deploy/tiny_checkpoint.py deploy/tiny_edit_checkpoint.py
+	$(PY) -m deploy.tiny_edit_checkpoint $(TINY_EDIT)
+	$(PY) -m deploy.tiny_checkpoint $(TINY)
 
 checkpoint: $(TINY)/tiny_checkpoint.json  ## build the tiny random-weight Turbo and Edit checkpoints (offline, seconds)
 

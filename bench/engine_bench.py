@@ -358,7 +358,7 @@ def measure(
 
 def load_pipe(checkpoint: Path) -> ZImagePipeline:
     """The tiny checkpoint (built if missing), loaded on the CPU in float32 as the worker loads it."""
-    from worker.tiny_checkpoint import ensure_tiny_turbo
+    from deploy.tiny_checkpoint import ensure_tiny_turbo
 
     path = ensure_tiny_turbo(checkpoint)
     pipe = ZImagePipeline.from_pretrained(path, dtype=torch.float32)
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         {
             "bench": "engine",
-            "checkpoint": "tiny random-weight Z-Image-Turbo (worker.tiny_checkpoint), CPU, float32",
+            "checkpoint": "tiny random-weight Z-Image-Turbo (deploy.tiny_checkpoint), CPU, float32",
             "settings": {"token_budget": args.token_budget, "max_images": args.max_images, "steps": workloads.STEPS},
             "rows": rows,
             "notes": notes,

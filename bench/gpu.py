@@ -6,7 +6,7 @@ Usage on a GPU host (torch, transformers, accelerate, diffusers; no network, no 
 
 Timing does not depend on weight values (see ../shared/GPU.md): each component is built on the meta device at
 the real configuration, allocated directly on the GPU in bf16 and filled with N(0, 0.02) (norm weights 1, biases
-0). The tokenizer is the tiny byte-level BPE of worker.tiny_checkpoint (its ids are far below the real vocab), so
+0). The tokenizer is the tiny byte-level BPE of deploy.tiny_checkpoint (its ids are far below the real vocab), so
 prompts tokenize into more tokens than Qwen's own tokenizer would make: a little more text-encoder work, a
 slightly conservative result.
 """
@@ -31,8 +31,8 @@ from transformers import Qwen3Config, Qwen3Model
 
 from bench import report, workloads
 from bench.engine_bench import COLUMNS, FULL, OVERLAP_ONLY, TOGGLES, Plan, Variant, engine_for, measure, run_engine
+from deploy.tiny_checkpoint import build_tokenizer
 from worker.engine.batching import DEFAULT_MAX_IMAGES, DEFAULT_TOKEN_BUDGET
-from worker.tiny_checkpoint import build_tokenizer
 
 REAL_VOCAB = 151936
 COMPILE_IF_DONE_BY_S = 270.0  # the torch.compile row runs only if measuring ended this soon after the start

@@ -31,8 +31,8 @@ from core.db import drop_database, make_engine
 from core.settings import Settings
 from deploy.seaweed import SeaweedServer
 from deploy.stack import Stack, free_port
+from deploy.tiny_checkpoint import ensure_tiny_turbo
 from worker.engine import ImageRequest
-from worker.tiny_checkpoint import ensure_tiny_turbo
 
 COLUMNS = ["workload", "jobs", "images", "seconds", "images/s", "s/image", "naive images/s", "x naive"]
 POLL_S = 0.05  # how often the bench asks Postgres whether the jobs are done (its own load on the 2 cores)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
 import subprocess
@@ -64,3 +65,39 @@ def test_the_worker_app_sets_the_openmp_wait_policy_before_torch_loads() -> None
     # Set by worker.app, whose import comes before worker.tasks loads torch.
     assert out.stdout.split()[-2:] == ["PASSIVE", "True"]
     assert _loaded_by(["worker.app"], ["torch"]) == {}
+
+
+_DEV_BUILDERS = ("deploy.tiny_checkpoint", "deploy.tiny_edit_checkpoint")
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every module an ``import`` or ``from ... import`` in the file names, submodules of ``from`` included."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_probe_of_imports_sees_from_imports() -> None:
+    probe = ROOT / "deploy" / "tiny_edit_checkpoint.py"
+    assert "deploy.tiny_checkpoint" in _imported_names(probe)
+
+
+def test_the_service_packages_never_import_the_tiny_checkpoint_builders() -> None:
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(n for n in _imported_names(path) if n.startswith(_DEV_BUILDERS))
+        for package in ("api", "core", "worker")
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_the_worker_package_holds_no_checkpoint_builders() -> None:
+    # Dev tooling lives in deploy/: a worker image runs real weights and never builds random ones.
+    modules = {str(path.relative_to(ROOT)) for path in (ROOT / "worker").rglob("*.py")}
+    assert "worker/engine/__init__.py" in modules
+    assert sorted(m for m in modules if "tiny" in Path(m).name) == []

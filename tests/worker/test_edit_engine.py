@@ -20,9 +20,9 @@ from diffusers.pipelines.z_image.pipeline_z_image_omni import ZImageOmniPipeline
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
+from deploy.tiny_edit_checkpoint import is_current, main
 from worker.engine.edit import EditEngine, EditRequest, denoising_steps
 from worker.engine.run import BatchInterrupted
-from worker.tiny_edit_checkpoint import is_current, main
 
 TOLERANCE = 2  # max abs difference on uint8 pixels: 2/255
 W, H = 128, 96
@@ -459,7 +459,7 @@ def test_edit_engine_runs_without_the_service_packages() -> None:
         "for name in ['celery', 'kombu', 'redis', 'sqlalchemy', 'pydantic', 'pydantic_settings', 'boto3',\n"
         "             'botocore', 'fastapi', 'core', 'api']:\n"
         "    sys.modules[name] = None\n"
-        "import worker.engine.edit, worker.tiny_edit_checkpoint\n"
+        "import worker.engine.edit, deploy.tiny_edit_checkpoint\n"
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)

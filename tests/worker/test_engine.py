@@ -175,7 +175,7 @@ def test_engine_runs_without_the_service_packages() -> None:
         "for name in ['celery', 'kombu', 'redis', 'sqlalchemy', 'pydantic', 'pydantic_settings', 'boto3',\n"
         "             'botocore', 'fastapi', 'core', 'api']:\n"
         "    sys.modules[name] = None\n"
-        "import worker.engine, worker.encode, worker.tiny_checkpoint\n"
+        "import worker.engine, worker.encode, deploy.tiny_checkpoint\n"
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)

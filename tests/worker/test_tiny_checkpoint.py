@@ -13,7 +13,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import Qwen2Tokenizer, Qwen3Model
 
-from worker.tiny_checkpoint import (
+from deploy.tiny_checkpoint import (
     MARKER_FILE,
     TINY_CHECKPOINT_VERSION,
     build_tiny_turbo,

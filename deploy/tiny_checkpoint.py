@@ -5,7 +5,10 @@ FLUX-layout AutoencoderKL, FlowMatchEulerDiscreteScheduler, Qwen2Tokenizer), sav
 ``ZImagePipeline.save_pretrained``, so ``ZImagePipeline.from_pretrained(DIR)`` runs exactly the code path used
 with the real weights.
 
-Usage: ``python -m worker.tiny_checkpoint DIR [--seed N]``.
+Usage: ``python -m deploy.tiny_checkpoint DIR [--seed N] [--if-missing]``.
+
+Dev tooling for tests, benchmarks and ``make checkpoint``: the worker never imports it. The Edit builder,
+``deploy.tiny_edit_checkpoint``, builds on this module with a command of its own; this one never imports it.
 """
 
 from __future__ import annotations
@@ -242,24 +245,18 @@ def ensure_tiny_turbo(path: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: build (or, with --if-missing, reuse) a tiny checkpoint."""
+    """Command line entry point: build (or, with --if-missing, reuse) a tiny Turbo checkpoint."""
     parser = argparse.ArgumentParser(
-        prog="python -m worker.tiny_checkpoint", description=__doc__.splitlines()[0]
+        prog="python -m deploy.tiny_checkpoint", description=__doc__.splitlines()[0]
     )
     parser.add_argument("dir", type=Path, help="output folder (a diffusers pipeline folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--if-missing", action="store_true", help="keep an existing build of this version")
-    parser.add_argument("--edit", type=Path, help="also build the Omni-shaped edit checkpoint into this folder")
     args = parser.parse_args(argv)
     # The shard-writing progress bar is noise for a build that takes a few seconds.
     transformers.utils.logging.disable_progress_bar()
     build = ensure_tiny_turbo if args.if_missing else build_tiny_turbo
     print(build(args.dir, args.seed))
-    if args.edit is not None:
-        # Imported here: the edit builder imports this module.
-        from worker.tiny_edit_checkpoint import build_tiny_omni, ensure_tiny_omni
-
-        print((ensure_tiny_omni if args.if_missing else build_tiny_omni)(args.edit, args.seed))
     return 0
 
 

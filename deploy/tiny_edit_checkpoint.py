@@ -6,7 +6,8 @@ VAE and scheduler of the tiny Turbo checkpoint of the same seed, with the same c
 layout of a real Edit checkpoint that reuses Turbo's Qwen3 encoder and VAE, so the worker's component sharing
 runs in tests exactly as it would with real weights.
 
-Usage: ``python -m worker.tiny_edit_checkpoint DIR [--seed N] [--if-missing]``.
+Usage: ``python -m deploy.tiny_edit_checkpoint DIR [--seed N] [--if-missing]``. Dev tooling, like
+``deploy.tiny_checkpoint``, whose builders it uses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from diffusers.models.transformers.transformer_z_image import ZImageTransformer2
 from diffusers.pipelines.z_image.pipeline_z_image_omni import ZImageOmniPipeline
 from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 
-from worker.tiny_checkpoint import build_pipeline, build_transformer, has_marker, save_marked
+from deploy.tiny_checkpoint import build_pipeline, build_transformer, has_marker, save_marked
 
 # Bump whenever the layout or sizes change: callers cache builds keyed on it.
 TINY_EDIT_CHECKPOINT_VERSION = 1
@@ -99,7 +100,7 @@ def ensure_tiny_omni(path: Path, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: build (or, with --if-missing, reuse) a tiny Omni checkpoint."""
     parser = argparse.ArgumentParser(
-        prog="python -m worker.tiny_edit_checkpoint", description=__doc__.splitlines()[0]
+        prog="python -m deploy.tiny_edit_checkpoint", description=__doc__.splitlines()[0]
     )
     parser.add_argument("dir", type=Path, help="output folder (a diffusers pipeline folder)")
     parser.add_argument("--seed", type=int, default=0, help="use the seed of the tiny Turbo it pairs with")
