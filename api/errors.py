@@ -14,17 +14,26 @@ from core import errors
 
 log = logging.getLogger(__name__)
 
+# The HTTP status of each branch of the error tree; the nearest ancestor of an error's class decides.
 STATUS: dict[type[errors.ServiceError], int] = {
+    errors.InvalidInput: 422,
     errors.BadRequest: 400,
+    errors.PayloadTooLarge: 413,
+    errors.UnsupportedMediaType: 415,
     errors.Unauthorized: 401,
     errors.NotFound: 404,
     errors.Conflict: 409,
-    errors.PayloadTooLarge: 413,
-    errors.UnsupportedMediaType: 415,
-    errors.ValidationFailed: 422,
     errors.RateLimited: 429,
-    errors.Unavailable: 503,
+    errors.Transient: 503,
 }
+
+
+def http_status(exc: errors.ServiceError) -> int:
+    """The HTTP status of a service error: its nearest mapped ancestor's, else 500."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -43,17 +52,20 @@ _HTTP_CODES = {
 def error_response(
     status: int, code: str, message: str, details: list | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """An error answer with the body API.md fixes."""
+    """An error answer with the body the API reference fixes."""
     body = {"error": {"code": code, "message": message, "details": details or []}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _service_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.ServiceError)
-    status = STATUS.get(type(exc), 500)
+    status = http_status(exc)
     headers = {}
-    if isinstance(exc, errors.RateLimited | errors.Unavailable):
-        headers["Retry-After"] = str(exc.retry_after_s)
+    if status in (429, 503):
+        headers["Retry-After"] = str(getattr(exc, "retry_after_s", 2))
+    if status == 500:  # a branch no client should see: an internal failure, not to be detailed
+        log.error("unmapped service error", exc_info=exc)
+        return error_response(500, "internal_error", "internal error")
     if isinstance(exc, errors.Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return error_response(status, exc.code, exc.message, exc.details, headers)

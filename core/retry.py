@@ -9,9 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from core.storage import StorageError
+from core.errors import Transient
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ class Backoff:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same call later may succeed: lost database connections, S3 5xx and timeouts."""
-    if isinstance(exc, StorageError):
-        return exc.transient
+    if isinstance(exc, Transient):
+        return True
     if isinstance(exc, OperationalError | InterfaceError):
         return True
     if isinstance(exc, DBAPIError):
@@ -56,3 +57,13 @@ def retrying(fn: Callable[[], T], *, backoff: Backoff = Backoff(), what: str = "
             log.warning("%s failed (%s: %s); retry %d in %.2f s", what, type(exc).__name__, exc, attempt + 1, pause)
             time.sleep(pause)
             attempt += 1
+
+
+def db_call(db: Engine, fn: Callable[[Connection], T], *, deadline_s: float, what: str) -> T:
+    """Run ``fn`` on a fresh connection of ``db``, retrying lost connections with backoff for ``deadline_s``."""
+
+    def attempt() -> T:
+        with db.connect() as conn:
+            return fn(conn)
+
+    return retrying(attempt, backoff=Backoff(deadline_s=deadline_s), what=what)

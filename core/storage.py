@@ -1,8 +1,7 @@
 """S3-compatible object storage: object keys, checksummed puts, presigned GETs, deletes and a readiness ping.
 
-Every failure of a call here is raised as one error, with a flag that says whether retrying can help:
-
-    StorageError    any S3 failure; ``transient`` is True for 5xx, throttling, timeouts and lost connections
+Every failure of a call here is raised as a ``StorageError`` of the service's error tree (``core.errors``): a
+``TransientStorageError`` for 5xx, throttling, timeouts and lost connections, where retrying may help.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from botocore.exceptions import (
     IncompleteReadError,
 )
 
+from core.errors import StorageError, TransientStorageError
 from core.settings import Settings
 
 # botocore builds the client class at runtime; no stubs are installed, so the client is typed loosely.
@@ -48,17 +48,6 @@ _TRANSIENT_CODES = {
     "ThrottlingException",
 }
 _TRANSIENT_TRANSPORT = (ConnectionError, HTTPClientError, IncompleteReadError, FlexibleChecksumError)
-
-
-class StorageError(Exception):
-    """An S3 call failed; ``transient`` says whether the same call may succeed if retried later."""
-
-    def __init__(self, message: str, *, transient: bool, code: str | None = None, status: int | None = None):
-        super().__init__(message)
-        self.transient = transient
-        # The S3 error code (``NoSuchKey``, ``BadDigest``, ...) when the server answered, else None.
-        self.code = code
-        self.status = status
 
 
 def s3_client(
@@ -93,9 +82,7 @@ def s3_client(
     )
 
 
-def make_s3_client(
-    settings: Settings, *, public: bool = False, timeout_s: float = 30.0, attempts: int = 3
-) -> S3Client:
+def make_s3_client(settings: Settings, *, public: bool = False, timeout_s: float = 30.0, attempts: int = 3) -> S3Client:
     """The S3 client for these settings; ``public=True`` signs for the endpoint clients reach (presigning)."""
     return s3_client(
         settings.presign_endpoint if public else settings.s3_endpoint_url,
@@ -170,10 +157,8 @@ def put_object_checked(
         )
     echoed = response.get("ChecksumSHA256")
     if echoed is not None and echoed != checksum:
-        raise StorageError(
-            f"put s3://{bucket}/{key}: server stored checksum {echoed}, sent {checksum}",
-            transient=True,
-            code="BadDigest",
+        raise TransientStorageError(
+            f"put s3://{bucket}/{key}: server stored checksum {echoed}, sent {checksum}", code="BadDigest"
         )
     return digest.hex()
 
@@ -185,9 +170,7 @@ def presign_get(client: S3Client, bucket: str, key: str, ttl_s: int) -> tuple[st
     # Taken before signing, so the reported expiry is never later than the signature's.
     expires_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=ttl_s)
     with _translated(f"presign s3://{bucket}/{key}"):
-        url: str = client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s
-        )
+        url: str = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s)
     return url, expires_at
 
 
@@ -204,7 +187,7 @@ def delete_keys(client: S3Client, bucket: str, keys: Iterable[str]) -> None:
         if errors:
             first = errors[0]
             code = first.get("Code")
-            raise StorageError(
+            raise _storage_error(
                 f"delete s3://{bucket}/{first.get('Key')}: {code} {first.get('Message', '')}"
                 f" ({len(errors)} of {len(batch)} keys failed)",
                 transient=code in _TRANSIENT_CODES,
@@ -218,7 +201,7 @@ def get_object_bytes(client: S3Client, bucket: str, key: str, *, max_bytes: int 
         body = client.get_object(Bucket=bucket, Key=key)["Body"]
         data = body.read() if max_bytes is None else body.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
-        raise StorageError(f"object {key} is over {max_bytes} bytes", transient=False)
+        raise StorageError(f"object {key} is over {max_bytes} bytes")
     return bytes(data)
 
 
@@ -270,10 +253,16 @@ def _wrap(exc: ClientError | BotoCoreError, what: str) -> StorageError:
         code, status = _code(exc), _status(exc)
         transient = code in _TRANSIENT_CODES or status in {408, 429} or (status is not None and status >= 500)
         message = exc.response.get("Error", {}).get("Message") or str(exc)
-        return StorageError(
-            f"{what}: {code} ({status}) {message}", transient=transient, code=code, status=status
-        )
-    return StorageError(f"{what}: {exc}", transient=isinstance(exc, _TRANSIENT_TRANSPORT))
+        return _storage_error(f"{what}: {code} ({status}) {message}", transient=transient, code=code, status=status)
+    return _storage_error(f"{what}: {exc}", transient=isinstance(exc, _TRANSIENT_TRANSPORT))
+
+
+def _storage_error(
+    message: str, *, transient: bool, code: str | None = None, status: int | None = None
+) -> StorageError:
+    """The error of a failed S3 call: a TransientStorageError when retrying may help."""
+    cls = TransientStorageError if transient else StorageError
+    return cls(message, code=code, status=status)
 
 
 def _code(exc: ClientError) -> str | None:

@@ -150,7 +150,7 @@ def test_wrong_credentials_are_refused(
     try:
         with pytest.raises(StorageError) as info:
             put_object_checked(bad, settings.s3_bucket, _key("x.bin"), b"x", "application/octet-stream")
-        assert info.value.code in {"SignatureDoesNotMatch", "InvalidAccessKeyId"}
+        assert info.value.s3_code in {"SignatureDoesNotMatch", "InvalidAccessKeyId"}
         assert info.value.status == 403
         assert not info.value.transient
         assert not ping(bad, settings.s3_bucket)
@@ -214,6 +214,6 @@ def test_ping_is_false_and_errors_transient_once_the_server_stops(tmp_path: Path
         with pytest.raises(StorageError) as info:
             put_object_checked(client, settings.s3_bucket, "k", b"x", "text/plain")
         assert info.value.transient
-        assert info.value.code is None
+        assert info.value.s3_code is None
     finally:
         client.close()
