@@ -4,40 +4,67 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.resources import Resources
 from core import errors
 from core.job_object import job_object
 from core.models import jobs
-from core.status import JobStatus, is_terminal, sources_of
+from core.status import JobStatus, is_terminal
+from core.transition import transition
 
 MAX_PAGE = 100
 
 
-async def _queue_position(conn: AsyncConnection, row: Any) -> int:
-    """How many queued jobs of the same queue run before this one (0: it is next)."""
-    ahead = (
-        select(func.count())
-        .select_from(jobs)
-        .where(
-            jobs.c.status == JobStatus.QUEUED.value,
-            jobs.c.queue == row["queue"],
-            or_(
-                jobs.c.priority > row["priority"],
-                and_(jobs.c.priority == row["priority"], jobs.c.created_at < row["created_at"]),
-            ),
-        )
+async def queue_positions(conn: AsyncConnection, rows: Sequence[Any]) -> dict[str, int]:
+    """How many queued jobs of the same queue run before each queued row (0: it is next).
+
+    One count per (queue, priority) among ``rows``: the first row of each pair is counted against the table
+    (higher priority, or equal and older), and the pair's later rows follow it one by one. So rows of one
+    (queue, priority) must be neighbours in the queue, as a group commit's rows are (inserted together);
+    rows read one by one are passed one at a time.
+    """
+    order = sorted(
+        (r for r in rows if r["status"] == JobStatus.QUEUED), key=lambda r: (-r["priority"], r["created_at"], r["id"])
     )
-    return int(await conn.scalar(ahead) or 0)
+    base: dict[tuple[str, int], int] = {}
+    for r in order:
+        key = (r["queue"], r["priority"])
+        if key in base:
+            continue
+        ahead = (
+            select(func.count())
+            .select_from(jobs)
+            .where(
+                jobs.c.status == JobStatus.QUEUED.value,
+                jobs.c.queue == r["queue"],
+                or_(
+                    jobs.c.priority > r["priority"],
+                    and_(
+                        jobs.c.priority == r["priority"],
+                        tuple_(jobs.c.created_at, jobs.c.id) < tuple_(r["created_at"], r["id"]),
+                    ),
+                ),
+            )
+        )
+        base[key] = int(await conn.scalar(ahead) or 0)
+    seen: Counter[tuple[str, int]] = Counter()
+    positions = {}
+    for r in order:
+        key = (r["queue"], r["priority"])
+        positions[r["id"]] = base[key] + seen[key]
+        seen[key] += 1
+    return positions
 
 
 async def render(conn: AsyncConnection, res: Resources, row: Any) -> dict[str, Any]:
     """The job object of a row, with its queue position when queued."""
-    position = await _queue_position(conn, row) if row["status"] == JobStatus.QUEUED else None
+    position = (await queue_positions(conn, [row])).get(row["id"])
     return job_object(row, presign=res.presign, queue_position=position)
 
 
@@ -102,21 +129,9 @@ async def cancel_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str
         row = (
             (
                 await conn.execute(
-                    update(jobs)
-                    .where(
-                        jobs.c.id == job_id,
-                        jobs.c.tenant_id == tenant_id,
-                        jobs.c.status.in_(sources_of(JobStatus.CANCELED)),
-                    )
-                    .values(
-                        status=JobStatus.CANCELED.value,
-                        finished_at=func.clock_timestamp(),
-                        lease_expires_at=None,
-                        progress_step=None,
-                        progress_total=None,
-                        updated_at=func.clock_timestamp(),
-                    )
-                    .returning(jobs)
+                    transition(
+                        JobStatus.CANCELED, where=[jobs.c.id == job_id, jobs.c.tenant_id == tenant_id]
+                    ).returning(jobs)
                 )
             )
             .mappings()
@@ -126,9 +141,7 @@ async def cancel_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str
         if row is not None:
             return await render(conn, res, row)
         current = (
-            await conn.execute(
-                select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id)
-            )
+            await conn.execute(select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
         ).scalar()
     if current is None:
         raise errors.NotFound(f"no job {job_id!r}")

@@ -12,20 +12,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from typing import Any
 
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from api.jobs import render
+from api.jobs import queue_positions, render
 from api.resources import Resources
 from core import errors, queue
 from core.job_object import job_object
 from core.models import jobs
 from core.retry import is_transient
 from core.schemas import JobRequest
-from core.status import JobStatus
 from core.submission import build_job_row, request_hash
 
 log = logging.getLogger(__name__)
@@ -86,7 +84,7 @@ class GroupCommitter:
             async with self._res.db.connect() as conn:
                 created = (await conn.execute(insert(jobs).values(rows).returning(jobs))).mappings()
                 by_id = {r["id"]: r for r in created}
-                positions = await _positions(conn, list(by_id.values()))
+                positions = await queue_positions(conn, list(by_id.values()))
                 await conn.commit()
         except Exception as exc:  # nothing was committed
             if len(group) > 1 and not is_transient(exc):
@@ -105,33 +103,6 @@ class GroupCommitter:
                 future.set_result(
                     job_object(created_row, presign=self._res.presign, queue_position=positions[row["id"]])
                 )
-
-
-async def _positions(conn: AsyncConnection, rows: list[Any]) -> dict[str, int]:
-    """Queue positions of freshly inserted queued rows: one count per (queue, priority) in the group."""
-    new_ids = [r["id"] for r in rows]
-    ahead: dict[tuple[str, int], int] = {}
-    for q, p in {(r["queue"], r["priority"]) for r in rows}:
-        ahead[(q, p)] = int(
-            await conn.scalar(
-                select(func.count())
-                .select_from(jobs)
-                .where(
-                    jobs.c.status == JobStatus.QUEUED.value,
-                    jobs.c.queue == q,
-                    jobs.c.priority >= p,
-                    jobs.c.id.not_in(new_ids),
-                )
-            )
-            or 0
-        )
-    order = sorted(rows, key=lambda r: (-r["priority"], r["created_at"], r["id"]))
-    seen: Counter[str] = Counter()
-    positions = {}
-    for r in order:  # new rows ahead of r in its queue run before it too
-        positions[r["id"]] = ahead[(r["queue"], r["priority"])] + seen[r["queue"]]
-        seen[r["queue"]] += 1
-    return positions
 
 
 async def _existing_for_key(conn: AsyncConnection, tenant_id: str, key: str) -> Any:

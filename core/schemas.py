@@ -1,4 +1,4 @@
-"""API.md as pydantic models: the job request with every field rule, and the objects the API returns."""
+"""The API reference (docs/api.md) as pydantic models: the job request with its field rules, the objects returned."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from core.work import PIXELS_PER_TOKEN
 
 MAX_SEED = 2**63 - 1
 MAX_METADATA_BYTES = 4096
@@ -77,8 +79,8 @@ class JobRequest(_Strict):
     mode: Literal["instruct", "img2img", "inpaint"] | None = Field(None, validate_default=True)
     prompt: str
     negative_prompt: str | None = Field(None, max_length=4000)
-    width: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=16)
-    height: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=16)
+    width: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=PIXELS_PER_TOKEN)
+    height: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=PIXELS_PER_TOKEN)
     steps: int | None = Field(None, ge=1, le=100)
     guidance_scale: float | None = Field(None, ge=0, le=20)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

@@ -27,12 +27,17 @@ class ErrorCode(StrEnum):
 
 TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+# The status in which a worker holds a job under a lease: the only one its attempt-fenced writes apply to.
+HELD = JobStatus.RUNNING
 
-# from-status -> the statuses it may move to. Anything not listed is refused.
+# from-status -> the statuses it may move to. Anything not listed is refused. `core.transition` builds every
+# status write from this table.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    # running: a worker claims it; canceled: by the client; failed: refused before it could run.
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
+    # running -> running: its holder reports progress and renews the lease; queued: given back or lease lost.
     JobStatus.RUNNING: frozenset(
-        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}  # queued: lease lost
+        {JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
     ),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),

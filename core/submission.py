@@ -10,8 +10,7 @@ from typing import Any
 from core import ids
 from core.queue import queue_for
 from core.schemas import MAX_SEED, JobRequest
-
-PATCH = 16  # pixels per image token: VAE factor 8 times transformer patch 2
+from core.work import image_tokens
 
 
 def request_hash(normalized: dict[str, Any]) -> str:
@@ -22,9 +21,7 @@ def request_hash(normalized: dict[str, Any]) -> str:
 
 def group_key(req: JobRequest) -> str:
     """Jobs with equal keys can share one pipeline call: same model and mode, size, steps, guidance, adapters."""
-    loras = ",".join(
-        f"{lo.adapter_id}:{lo.scale:g}" for lo in sorted(req.loras, key=lambda lo: lo.adapter_id)
-    )
+    loras = ",".join(f"{lo.adapter_id}:{lo.scale:g}" for lo in sorted(req.loras, key=lambda lo: lo.adapter_id))
     parts = [
         req.kind,
         req.mode or "-",
@@ -40,7 +37,7 @@ def group_key(req: JobRequest) -> str:
 
 def cost_tokens(req: JobRequest) -> int:
     """Image tokens the job adds to a batch (what bounds a batch on the accelerator)."""
-    return (req.width // PATCH) * (req.height // PATCH) * req.num_images
+    return image_tokens(req.width, req.height) * req.num_images
 
 
 def build_job_row(

@@ -8,30 +8,33 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, Text, cast, func, text
 
 from core import queue
+from core.models import jobs
 from core.settings import Settings
-from core.status import ErrorCode, JobStatus
+from core.status import HELD, ErrorCode, JobStatus
+from core.transition import transition
 
 log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x5A494D47  # "ZIMG": the advisory lock every sweeper takes before acting
 
-_EXPIRE = text(
-    f"""
-UPDATE jobs SET
-    status = CASE WHEN attempt >= max_attempts THEN '{JobStatus.FAILED}' ELSE '{JobStatus.QUEUED}' END,
-    error_code = CASE WHEN attempt >= max_attempts THEN '{ErrorCode.MAX_ATTEMPTS_EXCEEDED}' END,
-    error_message = CASE WHEN attempt >= max_attempts
-        THEN 'the job lost its worker ' || attempt || ' times' END,
-    finished_at = CASE WHEN attempt >= max_attempts THEN clock_timestamp() END,
-    lease_expires_at = NULL, worker_id = NULL, progress_step = NULL, progress_total = NULL,
-    dispatched_at = NULL, updated_at = clock_timestamp()
-WHERE status = '{JobStatus.RUNNING}' AND lease_expires_at < clock_timestamp()
-RETURNING id, status
-"""
-)
+_EXPIRED = jobs.c.lease_expires_at < func.clock_timestamp()
+_ATTEMPTS_LEFT = jobs.c.attempt < jobs.c.max_attempts
+# A lease that ran out: the job goes back to the queue while it has attempts left, else it fails.
+_REQUEUE = transition(JobStatus.QUEUED, from_=HELD, where=[_EXPIRED, _ATTEMPTS_LEFT]).returning(jobs.c.id)
+_GIVE_UP = transition(
+    JobStatus.FAILED,
+    from_=HELD,
+    where=[_EXPIRED, ~_ATTEMPTS_LEFT],
+    values={
+        "error_code": ErrorCode.MAX_ATTEMPTS_EXCEEDED.value,
+        "error_message": "the job lost its worker " + cast(jobs.c.attempt, Text) + " times",
+        "worker_id": None,
+        "dispatched_at": None,
+    },
+).returning(jobs.c.id)
 
 _UNDISPATCHED = text(
     f"""
@@ -83,11 +86,10 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
         if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
             conn.rollback()
             return SweepResult(acted=False)
-        expired = conn.execute(_EXPIRE).all()
+        requeued = len(conn.execute(_REQUEUE).all())
+        failed = len(conn.execute(_GIVE_UP).all())
         conn.commit()  # the expiry stands even if Redis is down below
-        requeued = sum(1 for r in expired if r.status == JobStatus.QUEUED)
-        failed = len(expired) - requeued
-        if expired:
+        if requeued or failed:
             log.warning("sweeper: %d expired leases requeued, %d failed", requeued, failed)
 
         if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
