@@ -26,8 +26,10 @@ from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
 from bench import report, workloads
-from worker.engine import Engine, ImageRequest, OutOfMemory, image_tokens, plan_batches
-from worker.engine.batching import DEFAULT_MAX_IMAGES, DEFAULT_TOKEN_BUDGET
+from core.errors import OutOfMemory
+from core.work import image_tokens
+from worker.engine import Engine, EngineOptions, ImageRequest
+from worker.engine.batching import DEFAULT_MAX_IMAGES, DEFAULT_TOKEN_BUDGET, plan_batches
 from worker.engine.embeddings import DEFAULT_CACHE_BYTES
 
 DEFAULT_CHECKPOINT = Path("checkpoints/tiny/turbo")
@@ -198,14 +200,14 @@ def run_engine(
 
 def engine_for(pipe: ZImagePipeline, variant: Variant, model_id: str = "bench") -> Engine:
     """An engine over the shared pipeline with this variant's cache and padding (a fresh, empty cache)."""
-    return Engine(
-        pipe,
-        model_id=model_id,
+    options = EngineOptions(
+        device=str(pipe._execution_device),
         embedding_cache_bytes=DEFAULT_CACHE_BYTES if variant.cache else 0,
         # The full engine pads to the longest prompt where that is exact (float32) and not in bf16; the
         # "longest padding only" row forces it, to show what it would be worth.
         pad_to_longest=None if variant is FULL else variant.longest,
     )
+    return Engine(pipe, model_id=model_id, options=options)
 
 
 def run_variant(

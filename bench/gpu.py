@@ -4,7 +4,7 @@ Usage on a GPU host (torch, transformers, accelerate, diffusers; no network, no 
     python -m bench.gpu --out bench/results/gpu.json           # about 4-6 minutes on an H100, start included
     python -m bench.gpu --tiny --out /tmp/gpu-tiny.json        # the same code at tiny size on the CPU, seconds
 
-Timing does not depend on weight values (see ../shared/GPU.md): each component is built on the meta device at
+Timing does not depend on weight values (see docs/performance.md): each component is built on the meta device at
 the real configuration, allocated directly on the GPU in bf16 and filled with N(0, 0.02) (norm weights 1, biases
 0). The tokenizer is the tiny byte-level BPE of deploy.tiny_checkpoint (its ids are far below the real vocab), so
 prompts tokenize into more tokens than Qwen's own tokenizer would make: a little more text-encoder work, a
@@ -38,7 +38,7 @@ REAL_VOCAB = 151936
 COMPILE_IF_DONE_BY_S = 270.0  # the torch.compile row runs only if measuring ended this soon after the start
 GPU_COLUMNS = (*COLUMNS, "peak GiB")
 
-# The published Z-Image-Turbo configuration (../shared/GPU.md): 6.15 B, 4.02 B and 84 M parameters.
+# The published Z-Image-Turbo configuration (docs/performance.md): 6.15 B, 4.02 B and 84 M parameters.
 FULL_TRANSFORMER: dict[str, Any] = {
     "all_patch_size": (2,),
     "all_f_patch_size": (1,),

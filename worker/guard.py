@@ -9,10 +9,13 @@ import threading
 import time
 from collections.abc import Sequence
 
+from sqlalchemy import Engine
+
 from core import lifecycle
 from core.lifecycle import ClaimedJob
+from core.settings import Settings
+from core.work import progress_total
 from worker import process
-from worker.process import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -20,20 +23,25 @@ log = logging.getLogger(__name__)
 class BatchGuard:
     """The engine's step callback for one batch (returning True stops it), plus a thread that renews the
     batch's leases from its claim until its last result is recorded, while no step callback comes (prepare,
-    decode, upload)."""
+    decode, upload).
 
-    def __init__(self, ctx: WorkerContext, jobs: Sequence[ClaimedJob]) -> None:
-        self._ctx = ctx
+    The engine reports each request's steps done; request i is ``jobs[i]`` (``keep`` narrows the jobs when some
+    leave the batch before it runs)."""
+
+    def __init__(self, jobs: Sequence[ClaimedJob], *, db: Engine, settings: Settings) -> None:
+        self._db = db
+        self._settings = settings
         self._jobs = list(jobs)
+        self._totals = [progress_total(j.request) for j in jobs]
         self._last_progress = time.monotonic()
         images = sum(j.request["num_images"] for j in jobs)
-        self.time_limit_s = ctx.settings.batch_timeout_s(images, jobs[0].request["steps"])
+        self.time_limit_s = settings.batch_timeout_s(images, jobs[0].request["steps"])
         self._deadline = time.monotonic() + self.time_limit_s
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_loop, name="lease-renewer", daemon=True)
         self.live = {j.id for j in jobs}
         self.reason: str | None = None  # why the batch was stopped: canceled | timeout | shutdown
-        marker = ctx.settings.fault_crash_marker
+        marker = settings.fault_crash_marker
         self._crash = bool(marker) and any(marker in j.request["prompt"] for j in jobs)
 
     def start(self) -> BatchGuard:
@@ -41,21 +49,27 @@ class BatchGuard:
         self._renewer.start()
         return self
 
+    def keep(self, jobs: Sequence[ClaimedJob]) -> None:
+        """The jobs the engine runs, in request order (the others left the batch and are settled)."""
+        self._jobs = list(jobs)
+        self._totals = [progress_total(j.request) for j in jobs]
+
     def close(self) -> None:
         """Stop renewing (the batch's jobs are all recorded or given back)."""
         self._stop.set()
 
     def _renew_loop(self) -> None:
-        period = max(0.5, self._ctx.settings.lease_s / 3)
+        period = max(0.5, self._settings.lease_s / 3)
         while not self._stop.wait(period):
             try:
-                with self._ctx.db.connect() as conn:
-                    lifecycle.renew_leases(conn, self._jobs, lease_s=self._ctx.settings.lease_s)
+                with self._db.connect() as conn:
+                    lifecycle.renew_leases(conn, self._jobs, lease_s=self._settings.lease_s)
             except Exception as exc:  # the next renewal may work; the lease has slack for two misses
                 log.warning("lease renewal failed: %s", exc)
 
-    def __call__(self, step: int, total: int) -> bool:
-        settings = self._ctx.settings
+    def __call__(self, steps: Sequence[int]) -> bool:
+        """The engine's report after a denoising step: each job's steps done. True: stop the batch."""
+        settings = self._settings
         if self._crash:
             log.error("fault injection: crashing on a poison job")
             os._exit(70)
@@ -68,12 +82,13 @@ class BatchGuard:
         if process.shutdown_overdue():
             self.reason = "shutdown"
             return True
-        if now - self._last_progress < settings.progress_interval_s and step < total:
+        finished = all(step >= total for step, total in zip(steps, self._totals, strict=True))
+        if now - self._last_progress < settings.progress_interval_s and not finished:
             return False
         self._last_progress = now
         try:
-            with self._ctx.db.connect() as conn:
-                self.live = lifecycle.heartbeat(conn, self._jobs, step=step, lease_s=settings.lease_s)
+            with self._db.connect() as conn:
+                self.live = lifecycle.heartbeat(conn, self._jobs, steps=steps, lease_s=settings.lease_s)
         except Exception as exc:  # progress is best effort; the final, fenced write is what counts
             log.warning("progress write failed: %s", exc)
             return False

@@ -21,8 +21,9 @@ from core import storage
 from core.db import make_engine
 from core.settings import Settings
 from core.sweeper import SweeperThread
+from worker.engine import EditEngine, EngineOptions
 from worker.engine import Engine as InferenceEngine
-from worker.engine.edit import EditEngine
+from worker.results import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class WorkerContext:
     edit_engine: EditEngine
     db: Engine
     s3: Any
+    recorder: Recorder  # stores results and records how jobs end
     uploads: ThreadPoolExecutor
     # One thread that claims and prepares the next batch while the current one runs.
     prefetch: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefetch"))
@@ -83,11 +85,9 @@ def upload_threads(settings: Settings, device: torch.device) -> int:
     return settings.upload_threads or (1 if device.type == "cpu" else 4)
 
 
-def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: bool = True) -> WorkerContext:
-    """Load the pipelines, warm them up, open connections, register the worker as ready."""
-    global _context, _loads
-    engine = InferenceEngine.from_pretrained(
-        settings.turbo_model,
+def engine_options(settings: Settings) -> EngineOptions:
+    """The engine options the settings name (the one place they are read); checked when built."""
+    return EngineOptions(
         device=settings.device,
         dtype=settings.dtype,
         compile_transformer=settings.compile_transformer,
@@ -96,12 +96,17 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         embedding_cache_bytes=settings.embedding_cache_bytes,
         oom_above_images=settings.fault_oom_above_images,
     )
+
+
+def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: bool = True) -> WorkerContext:
+    """Load the pipelines, warm them up, open connections, register the worker as ready."""
+    global _context, _loads
+    options = engine_options(settings)
+    engine = InferenceEngine.from_pretrained(settings.turbo_model, options)
     _loads += 1
     # img2img and inpaint reuse the Turbo modules; instruct loads the Edit checkpoint when this worker serves it.
     edit_model = settings.edit_model if "edit" in queues else None
-    edit_engine = EditEngine(
-        engine.pipe, edit_model=edit_model, device=engine.device, dtype=engine.pipe.transformer.dtype
-    )
+    edit_engine = EditEngine(engine.pipe, edit_model=edit_model, options=options)
     if settings.warmup:
         engine.warmup()
         edit_engine.warmup()
@@ -117,6 +122,14 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         edit_engine=edit_engine,
         db=db,
         s3=s3,
+        recorder=Recorder(
+            db=db,
+            s3=s3,
+            bucket=settings.s3_bucket,
+            db_retry_s=settings.db_retry_s,
+            storage_retry_s=settings.storage_retry_s,
+            model_id=settings.turbo_model,
+        ),
         uploads=ThreadPoolExecutor(
             upload_threads(settings, engine.device), thread_name_prefix="upload", initializer=_yield_cpu
         ),

@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from core import lifecycle
-from core.errors import ServiceError
+from core.errors import InvalidInput, OutOfMemory, ServiceError, job_error_code
 from core.lifecycle import ClaimedJob
 from core.status import ErrorCode
 from worker import process
-from worker.engine import BatchInterrupted, ImageRequest, OutOfMemory, PreparedBatch, RequestResult
-from worker.engine.edit import EditRequest
+from worker.engine import BatchInterrupted, EditRequest, ImageRequest, PreparedBatch, RequestResult
 from worker.guard import BatchGuard
 from worker.inputs import edit_request
 from worker.process import WorkerContext, record_stats
-from worker.results import db_call, fail, release, store_job
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +76,7 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
     s = ctx.settings
     if s.batch_wait_ms and _filling(ctx, queue):
         time.sleep(s.batch_wait_ms / 1000)
-    jobs = db_call(
-        ctx,
+    jobs = ctx.recorder.db_call(
         lambda conn: lifecycle.claim_batch(
             conn,
             queue=queue,
@@ -93,7 +90,7 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
     )
     if not jobs:
         return None
-    batch = Batch(jobs, BatchGuard(ctx, jobs).start())
+    batch = Batch(jobs, BatchGuard(jobs, db=ctx.db, settings=s).start())
     try:
         if jobs[0].kind == "edit":
             batch.edits = _edit_requests(ctx, batch)
@@ -101,10 +98,11 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
             started = time.perf_counter()
             batch.prepared = ctx.engine.prepare([image_request(j) for j in jobs])
             batch.prepare_s = time.perf_counter() - started
-    except ValueError as exc:  # the engine refused the input: running it again cannot help
-        batch.invalid = str(exc)
+    except InvalidInput as exc:  # the engine refused the input: running it again cannot help
+        batch.invalid, batch.code = exc.message, job_error_code(exc)
     except torch.OutOfMemoryError as exc:  # the text encoder did not fit: running it again will not either
-        batch.invalid, batch.code = f"out of memory while encoding prompts: {exc}", ErrorCode.OUT_OF_MEMORY
+        oom = OutOfMemory(f"out of memory while encoding prompts: {exc}")
+        batch.invalid, batch.code = oom.message, job_error_code(oom)
     return batch
 
 
@@ -113,11 +111,12 @@ def _edit_requests(ctx: WorkerContext, batch: Batch) -> list[EditRequest]:
     requests, kept = [], []
     for job in batch.jobs:
         try:
-            requests.append(edit_request(ctx, job))
+            requests.append(edit_request(job, db=ctx.db, s3=ctx.s3, settings=ctx.settings))
             kept.append(job)
-        except ServiceError as exc:
-            fail(ctx, [job], ErrorCode.INVALID_INPUT, exc.message)
+        except ServiceError as exc:  # an input that cannot be used: this job fails alone
+            ctx.recorder.fail([job], job_error_code(exc), exc.message)
     batch.jobs = kept
+    batch.guard.keep(kept)
     return requests
 
 
@@ -125,7 +124,9 @@ def _filling(ctx: WorkerContext, queue: str) -> bool:
     """Whether a short wait would fill the next batch: too few images queued, and a burst arriving right now
     (two or more jobs in the last wait window; a lone job is never kept waiting)."""
     window_s = ctx.settings.batch_wait_ms / 1000
-    images, recent = db_call(ctx, lambda conn: lifecycle.queue_snapshot(conn, queue, window_s=window_s), "snapshot")
+    images, recent = ctx.recorder.db_call(
+        lambda conn: lifecycle.queue_snapshot(conn, queue, window_s=window_s), "snapshot"
+    )
     return 0 < images < ctx.settings.max_batch_images and recent >= 2
 
 
@@ -148,7 +149,7 @@ def run_queue(ctx: WorkerContext, queue: str) -> DrainReport:
         if batch is None and more and not process.shutdown_requested():
             batch = claim(ctx, queue)  # nothing fresh was queued ahead: take what is queued now, retries too
         if batch is not None and process.shutdown_requested():
-            report.ends["released"] += release(ctx, batch.jobs)
+            report.ends["released"] += ctx.recorder.release(batch.jobs)
             batch.guard.close()
             batch = None
     _settle(pending, report)  # the task ends (and its message is acked) once its results are recorded
@@ -167,7 +168,7 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
     jobs, guard = batch.jobs, batch.guard
     report.batches += 1
     if batch.invalid is not None:
-        report.ends["failed"] += fail(ctx, jobs, batch.code, batch.invalid)
+        report.ends["failed"] += ctx.recorder.fail(jobs, batch.code, batch.invalid)
         guard.close()
         return []
     if not jobs:  # every edit job of the batch had an unusable input
@@ -178,26 +179,27 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
     try:
         results: list[RequestResult]
         if batch.edits is not None:
-            results = list(ctx.edit_engine.edit(batch.edits, on_step=guard))
+            results = ctx.edit_engine.edit(batch.edits, on_step=guard)
         else:
             assert batch.prepared is not None
             results = ctx.engine.run(batch.prepared, on_step=guard)
-    except BatchInterrupted:
-        _interrupted(ctx, batch, report)
+    except BatchInterrupted as exc:
+        exc.reason = guard.reason
+        _interrupted(ctx, batch, exc, report)
         guard.close()
         return []
     except Exception as exc:
         log.exception("batch failed")
-        report.ends["failed"] += fail(ctx, jobs, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        report.ends["failed"] += ctx.recorder.fail(jobs, job_error_code(exc), f"{type(exc).__name__}: {exc}")
         guard.close()
         return []
     inference_ms = round((time.perf_counter() - started + batch.prepare_s) * 1000)
     futures: list[Future[str]] = []
     for job, result in zip(jobs, results, strict=True):
-        if isinstance(result, OutOfMemory):
-            report.ends["failed"] += fail(ctx, [job], ErrorCode.OUT_OF_MEMORY, result.message)
+        if isinstance(result, ServiceError):  # this job's image did not fit; its batch-mates' did
+            report.ends["failed"] += ctx.recorder.fail([job], job_error_code(result), result.message)
         else:
-            futures.append(ctx.uploads.submit(store_job, ctx, job, result, inference_ms))
+            futures.append(ctx.uploads.submit(ctx.recorder.store, job, result, inference_ms))
     record_stats(ctx, jobs=len(jobs), images=sum(j.request["num_images"] for j in jobs))
     _when_done(futures, guard.close)
     return futures
@@ -221,15 +223,15 @@ def _when_done(futures: list[Future[str]], then) -> None:
         future.add_done_callback(one_done)
 
 
-def _interrupted(ctx: WorkerContext, batch: Batch, report: DrainReport) -> None:
+def _interrupted(ctx: WorkerContext, batch: Batch, exc: BatchInterrupted, report: DrainReport) -> None:
     """Settle a batch its guard stopped: a timeout fails it, a shutdown gives it back, cancels are done."""
     guard = batch.guard
     live = [j for j in batch.jobs if j.id in guard.live]
     report.ends["canceled"] += len(batch.jobs) - len(live)
     if guard.reason == "timeout":
         message = f"the batch ran past its time limit of {guard.time_limit_s:.0f} s"
-        report.ends["failed"] += fail(ctx, live, ErrorCode.TIMEOUT, message)
+        report.ends["failed"] += ctx.recorder.fail(live, job_error_code(exc), message)
     elif guard.reason == "shutdown":
-        released = release(ctx, live)
+        released = ctx.recorder.release(live)
         report.ends["released"] += released
         log.warning("shutting down: %d job(s) returned to the queue", released)

@@ -9,7 +9,8 @@ import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
-from worker.engine import ImageRequest, OutOfMemory
+from core.errors import OutOfMemory
+from worker.engine import ImageRequest
 
 TOLERANCE = 2  # max abs difference on uint8 pixels: 2/255
 SIZE = 256

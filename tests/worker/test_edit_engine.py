@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,11 @@ from diffusers.pipelines.z_image.pipeline_z_image_omni import ZImageOmniPipeline
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
+from core.errors import InvalidInput, OutOfMemory
+from core.work import denoising_steps
 from deploy.tiny_edit_checkpoint import is_current, main
-from worker.engine.edit import EditEngine, EditRequest, denoising_steps
-from worker.engine.run import BatchInterrupted
+from tests.helpers.engine import images_of
+from worker.engine import BatchInterrupted, EditEngine, EditRequest, EngineOptions
 
 TOLERANCE = 2  # max abs difference on uint8 pixels: 2/255
 W, H = 128, 96
@@ -77,7 +81,7 @@ def turbo(tiny_turbo_dir: Path) -> ZImagePipeline:
 @pytest.fixture(scope="module")
 def engine(turbo: ZImagePipeline) -> EditEngine:
     """img2img and inpaint on the float32 Turbo; no edit model."""
-    return EditEngine(turbo, edit_model=None, device="cpu", dtype=torch.float32)
+    return EditEngine(turbo, edit_model=None, options=EngineOptions(device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def turbo_bf16(tiny_turbo_dir: Path) -> ZImagePipeline:
 @pytest.fixture(scope="module")
 def omni_engine(turbo_bf16: ZImagePipeline, tiny_omni_dir: Path) -> EditEngine:
     """Every mode, with the tiny Omni as the edit model, on the bf16 Turbo."""
-    return EditEngine(turbo_bf16, edit_model=str(tiny_omni_dir), device="cpu", dtype=torch.bfloat16)
+    return EditEngine(turbo_bf16, edit_model=str(tiny_omni_dir), options=EngineOptions(device="cpu", dtype="bfloat16"))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +157,7 @@ def test_omni_shares_turbos_text_encoder_and_vae(omni_engine: EditEngine, turbo_
 
 def test_float32_turbo_shares_the_text_encoder_but_not_the_vae(turbo: ZImagePipeline, tiny_omni_dir: Path) -> None:
     # ZImageOmniPipeline encodes condition images as bf16, so it needs a bf16 VAE: a float32 one is not shared.
-    edit = EditEngine(turbo, edit_model=str(tiny_omni_dir), device="cpu", dtype=torch.float32)
+    edit = EditEngine(turbo, edit_model=str(tiny_omni_dir), options=EngineOptions(device="cpu", dtype="float32"))
     assert edit.shared == {"text_encoder": True, "vae": False}
     assert edit.omni is not None and edit.omni.vae.dtype == torch.bfloat16
     out = edit.edit([request("instruct", steps=2)])
@@ -172,7 +176,7 @@ def test_components_with_other_weights_or_configs_are_not_shared(
     config = json.loads((other / "vae" / "config.json").read_text())
     config["scaling_factor"] = 0.5  # another VAE
     (other / "vae" / "config.json").write_text(json.dumps(config))
-    edit = EditEngine(turbo_bf16, edit_model=str(other), device="cpu", dtype=torch.bfloat16)
+    edit = EditEngine(turbo_bf16, edit_model=str(other), options=EngineOptions(device="cpu", dtype="bfloat16"))
     assert edit.shared == {"text_encoder": False, "vae": False}
 
 
@@ -181,18 +185,18 @@ def test_transformer_only_edit_release_takes_turbos_components(
 ) -> None:
     bare = tmp_path / "omni"
     shutil.copytree(tiny_omni_dir, bare, ignore=shutil.ignore_patterns("text_encoder", "vae"))
-    edit = EditEngine(turbo_bf16, edit_model=str(bare), device="cpu", dtype=torch.bfloat16)
+    edit = EditEngine(turbo_bf16, edit_model=str(bare), options=EngineOptions(device="cpu", dtype="bfloat16"))
     assert edit.shared == {"text_encoder": True, "vae": True}
     with pytest.raises(ValueError, match="bfloat16"):
-        EditEngine(turbo, edit_model=str(bare), device="cpu", dtype=torch.float32)
+        EditEngine(turbo, edit_model=str(bare), options=EngineOptions(device="cpu", dtype="float32"))
 
 
 def test_an_instruct_only_engine_needs_no_turbo(tiny_omni_dir: Path) -> None:
-    edit = EditEngine(None, edit_model=str(tiny_omni_dir), device="cpu", dtype=torch.bfloat16)
+    edit = EditEngine(None, edit_model=str(tiny_omni_dir), options=EngineOptions(device="cpu", dtype="bfloat16"))
     assert edit.modes == {"instruct"}
     assert edit.shared == {"text_encoder": False, "vae": False}
     assert edit.edit([request("instruct", steps=1)])[0][0].size == (W, H)
-    with pytest.raises(ValueError, match="Turbo"):
+    with pytest.raises(InvalidInput, match="Turbo"):
         edit.edit([request("img2img")])
     with pytest.raises(ValueError, match="needs"):
         EditEngine(None, edit_model=None)
@@ -214,9 +218,7 @@ def test_img2img_equals_a_direct_diffusers_call(
     assert diff(image, req.images[0]) > 20  # it did edit
 
 
-def test_img2img_fits_an_input_of_another_shape(
-    engine: EditEngine, direct_img2img_pipe: ZImageImg2ImgPipeline
-) -> None:
+def test_img2img_fits_an_input_of_another_shape(engine: EditEngine, direct_img2img_pipe: ZImageImg2ImgPipeline) -> None:
     wide = picture(5, (300, 100))
     req = request("img2img", seeds=(3,), images=(wide,))
     [[image]] = engine.edit([req])
@@ -270,12 +272,17 @@ def test_incompatible_requests_are_split_and_keep_their_order(engine: EditEngine
         request(seeds=(3,), strength=1.0),
         request(seeds=(4,), strength=0.5),
     ]
-    progress: list[tuple[int, int]] = []
-    results = engine.edit(batch, on_step=lambda done, total: progress.append((done, total)) is None and False)
-    assert [len(r) for r in results] == [1, 1, 1, 1]
+    progress: list[tuple[int, ...]] = []
+    results = engine.edit(batch, on_step=lambda steps: progress.append(tuple(steps)) is None and False)
+    assert [len(images_of(r)) for r in results] == [1, 1, 1, 1]
     total = denoising_steps(4, 0.5) + denoising_steps(4, 0.6) + denoising_steps(4, 1.0)
     assert passes[0] == total  # three calls: (0.5 x2), inpaint, (1.0)
-    assert progress == [(done, total) for done in range(1, total + 1)]
+    # Each request counts its own steps (2, 3, 4 and 2), moving only while its own call runs.
+    assert progress == [
+        (1, 0, 0, 1), (2, 0, 0, 2),  # the two strength-0.5 requests together
+        (2, 1, 0, 2), (2, 2, 0, 2), (2, 3, 0, 2),  # inpaint
+        (2, 3, 1, 2), (2, 3, 2, 2), (2, 3, 3, 2), (2, 3, 4, 2),  # strength 1.0
+    ]  # fmt: skip
     [[first]] = engine.edit([batch[0]])
     assert diff(results[0][0], first) <= TOLERANCE
 
@@ -387,27 +394,27 @@ def test_unservable_requests_are_refused_before_any_call(
     engine: EditEngine, passes: list[int], mode: str, overrides: dict[str, Any], message: str
 ) -> None:
     bad = request(mode, **overrides)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidInput, match=message):
         engine.edit([request(), bad])
     assert passes[0] == 0
 
 
 def test_too_many_condition_images_are_refused(omni_engine: EditEngine) -> None:
-    with pytest.raises(ValueError, match="1 to 3"):
+    with pytest.raises(InvalidInput, match="1 to 3"):
         omni_engine.edit([request("instruct", images=(picture(1),) * 4)])
 
 
 def test_on_step_true_interrupts_the_batch(engine: EditEngine, passes: list[int]) -> None:
     batch = [request(seeds=(1,)), request(seeds=(2,), strength=1.0)]
     with pytest.raises(BatchInterrupted) as info:
-        engine.edit(batch, on_step=lambda done, total: done == 1)
-    assert (info.value.steps_done, info.value.total) == (1, denoising_steps(4, 0.6) + 4)
+        engine.edit(batch, on_step=lambda steps: steps[0] == 1)
+    assert f"1/{denoising_steps(4, 0.6)}, 0/4" in info.value.message
     assert passes[0] == 1  # the rest of the call and the second call never ran
 
 
 def test_instruct_can_be_interrupted(omni_engine: EditEngine) -> None:
     with pytest.raises(BatchInterrupted):
-        omni_engine.edit([request("instruct", steps=3)], on_step=lambda done, total: True)
+        omni_engine.edit([request("instruct", steps=3)], on_step=lambda steps: True)
 
 
 def test_empty_batch(engine: EditEngine) -> None:
@@ -457,9 +464,80 @@ def test_edit_engine_runs_without_the_service_packages() -> None:
     code = (
         "import sys\n"
         "for name in ['celery', 'kombu', 'redis', 'sqlalchemy', 'pydantic', 'pydantic_settings', 'boto3',\n"
-        "             'botocore', 'fastapi', 'core', 'api']:\n"
+        "             'botocore', 'fastapi', 'starlette', 'psycopg', 'api']:\n"
         "    sys.modules[name] = None\n"
         "import worker.engine.edit, deploy.tiny_edit_checkpoint\n"
+        "assert {m for m in sys.modules if m.startswith('core')} <= {'core', 'core.errors', 'core.status',"
+        " 'core.work'}\n"
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+
+
+# --- progress: one rule, each job on its own scale -------------------------------------------------------
+
+
+def test_batched_instruct_jobs_each_count_to_their_own_steps(omni_engine: EditEngine) -> None:
+    # Instruct jobs run one call each: job 2 waits at 0 while job 1 runs, and neither reads past 3 of 3.
+    seen: list[tuple[int, ...]] = []
+    batch = [request("instruct", steps=3, seeds=(1,)), request("instruct", steps=3, seeds=(2, 3))]
+    omni_engine.edit(batch, on_step=lambda steps: seen.append(tuple(steps)) is None and False)
+    assert seen == [(1, 0), (2, 0), (3, 0), (3, 1), (3, 2), (3, 3)]
+
+
+def test_batched_img2img_counts_steps_times_strength(engine: EditEngine) -> None:
+    seen: list[tuple[int, ...]] = []
+    batch = [request(seeds=(1, 2), strength=0.6), request(seeds=(3,), strength=0.6)]
+    engine.edit(batch, on_step=lambda steps: seen.append(tuple(steps)) is None and False)
+    total = denoising_steps(4, 0.6)
+    assert total == 3
+    assert seen == [(step, step) for step in range(1, total + 1)]
+
+
+# --- out of memory: split, fail only what cannot fit -----------------------------------------------------
+
+
+@contextmanager
+def oom_above(edit_engine: EditEngine, images: int | None) -> Iterator[None]:
+    """Pipeline calls of more than ``images`` images raise out-of-memory while the block runs."""
+    saved = edit_engine.options
+    edit_engine.options = replace(saved, oom_above_images=images)
+    try:
+        yield
+    finally:
+        edit_engine.options = saved
+
+
+def test_img2img_out_of_memory_splits_the_call_and_matches_single_calls(
+    engine: EditEngine, passes: list[int]
+) -> None:
+    batch = [request(seeds=(11, 12), images=(picture(1),)), request(seeds=(13,), images=(picture(2),))]
+    with oom_above(engine, 1):
+        split = engine.edit(batch)
+    assert passes[0] == 3 * denoising_steps(4, 0.6)  # three calls of one image each ran
+    for req, result in zip(batch, split, strict=True):
+        for seed, image in zip(req.seeds, images_of(result), strict=True):
+            [[alone]] = engine.edit([request(seeds=(seed,), images=req.images)])
+            assert diff(image, alone) <= TOLERANCE
+
+
+def test_img2img_that_cannot_fit_fails_with_out_of_memory_and_the_engine_goes_on(engine: EditEngine) -> None:
+    with oom_above(engine, 0):
+        results = engine.edit([request(seeds=(1, 2)), request("inpaint", seeds=(3,))])
+    assert all(isinstance(r, OutOfMemory) for r in results)
+    assert "out of memory" in results[0].message and f"{W}x{H} img2img" in results[0].message  # type: ignore[union-attr]
+    assert len(images_of(engine.edit([request(seeds=(1,))])[0])) == 1
+
+
+def test_instruct_out_of_memory_splits_its_images_and_fails_only_what_cannot_fit(omni_engine: EditEngine) -> None:
+    batch = [request("instruct", steps=2, seeds=(1, 2)), request("instruct", steps=2, seeds=(3,))]
+    whole = omni_engine.edit(batch)
+    with oom_above(omni_engine, 1):
+        split = omni_engine.edit(batch)
+    for a, b in zip(whole, split, strict=True):
+        for x, y in zip(images_of(a), images_of(b), strict=True):
+            assert diff(x, y) <= TOLERANCE
+    with oom_above(omni_engine, 0):
+        failed = omni_engine.edit(batch)
+    assert all(isinstance(r, OutOfMemory) for r in failed)
+    assert "instruct" in failed[1].message  # type: ignore[union-attr]

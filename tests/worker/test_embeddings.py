@@ -12,13 +12,14 @@ import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 
 from tests.helpers.engine import EN_300, EN_LONG, EN_SHORT, TOLERANCE, ZH, diff, images_of, request, single
-from worker.engine import EmbeddingCache, Engine, PromptEncoder
+from worker.engine import Engine, EngineOptions
+from worker.engine.embeddings import EmbeddingCache, PromptEncoder
 
 
 @pytest.fixture
 def engine(tiny_turbo_dir: Path) -> Engine:
     """A fresh engine (empty cache) per test."""
-    return Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32")
+    return Engine.from_pretrained(str(tiny_turbo_dir), EngineOptions(device="cpu", dtype="float32"))
 
 
 class EncoderCalls:
@@ -62,8 +63,10 @@ def test_longest_padding_gives_the_pipelines_embeddings(engine: Engine, referenc
 
 
 def test_the_encoder_pads_to_the_longest_prompt_not_512(tiny_turbo_dir: Path) -> None:
-    engine = Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32")
-    padded = Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32", pad_to_longest=False)
+    engine = Engine.from_pretrained(str(tiny_turbo_dir), EngineOptions(device="cpu", dtype="float32"))
+    padded = Engine.from_pretrained(
+        str(tiny_turbo_dir), EngineOptions(device="cpu", dtype="float32", pad_to_longest=False)
+    )
     longest, full = EncoderCalls(engine.pipe.text_encoder), EncoderCalls(padded.pipe.text_encoder)
     engine.encoder.encode([EN_SHORT, EN_LONG, ZH], "cpu")
     padded.encoder.encode([EN_SHORT, EN_LONG, ZH], "cpu")
@@ -103,7 +106,9 @@ def test_guidance_caches_the_negative_prompt_too(engine: Engine, encoder_calls: 
 
 def test_without_a_cache_every_batch_encodes(tiny_turbo_dir: Path) -> None:
     # Guards the counting tests above: with the cache off the same counter goes up every time.
-    engine = Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32", embedding_cache_bytes=0)
+    engine = Engine.from_pretrained(
+        str(tiny_turbo_dir), EngineOptions(device="cpu", dtype="float32", embedding_cache_bytes=0)
+    )
     calls = EncoderCalls(engine.pipe.text_encoder)
     for seed in range(3):
         engine.prepare([request(EN_LONG, (seed,))])

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,16 @@ import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
+from core.errors import InvalidInput
 from tests.helpers.engine import EN_300, EN_LONG, EN_SHORT, SIZE, TOLERANCE, ZH, diff, images_of, request, single
-from worker.engine import BatchInterrupted, Engine, ImageRequest, resolve_device, resolve_dtype
+from worker.engine import BatchInterrupted, Engine, EngineOptions, ImageRequest
+from worker.engine.options import resolve_device, resolve_dtype
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_turbo_dir: Path) -> Engine:
     """An engine on the tiny checkpoint, loaded as the worker loads the real one."""
-    return Engine.from_pretrained(str(tiny_turbo_dir), device="cpu", dtype="float32")
+    return Engine.from_pretrained(str(tiny_turbo_dir), EngineOptions(device="cpu", dtype="float32"))
 
 
 @pytest.fixture
@@ -77,29 +79,29 @@ def test_eight_steps_run_eight_transformer_passes(engine: Engine, passes: list[i
 
 
 def test_on_step_reports_every_step(engine: Engine) -> None:
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[int, ...]] = []
 
-    def record(done: int, total: int) -> bool:
-        calls.append((done, total))
+    def record(steps: Sequence[int]) -> bool:
+        calls.append(tuple(steps))
         return False
 
-    images = generate(engine, [request(steps=4)], on_step=record)
-    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert len(images[0]) == 1
+    images = generate(engine, [request(steps=4), request(ZH, steps=4)], on_step=record)
+    assert calls == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert len(images[0]) == 1 and len(images[1]) == 1
 
 
 def test_on_step_true_interrupts_the_batch(engine: Engine, passes: list[int]) -> None:
     calls: list[int] = []
 
-    def cancel_after_three(done: int, total: int) -> bool:
-        calls.append(done)
-        return done == 3
+    def cancel_after_three(steps: Sequence[int]) -> bool:
+        calls.append(steps[0])
+        return steps[0] == 3
 
     with pytest.raises(BatchInterrupted) as info:
         engine.generate([request(steps=8, seeds=(1, 2))], on_step=cancel_after_three)
     assert passes[0] == 3
     assert calls == [1, 2, 3]
-    assert (info.value.steps_done, info.value.total) == (3, 8)
+    assert "3/8" in info.value.message
     # The next batch runs in full: the pipeline's interrupt flag does not leak into it.
     passes[0] = 0
     assert len(generate(engine, [request(steps=2)])[0]) == 1
@@ -112,16 +114,14 @@ def test_on_step_true_interrupts_the_batch(engine: Engine, passes: list[int]) ->
     ids=["width", "height", "steps", "guidance"],
 )
 def test_incompatible_requests_are_refused(engine: Engine, passes: list[int], other: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="share"):
+    with pytest.raises(InvalidInput, match="share"):
         engine.generate([request(), request(ZH, **other)])
     assert passes[0] == 0
 
 
-@pytest.mark.parametrize(
-    "bad", [{"width": 250}, {"height": 0}, {"steps": 0}, {"seeds": ()}, {"guidance_scale": -1.0}]
-)
+@pytest.mark.parametrize("bad", [{"width": 250}, {"height": 0}, {"steps": 0}, {"seeds": ()}, {"guidance_scale": -1.0}])
 def test_invalid_requests_are_refused(engine: Engine, bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput):
         engine.generate([request(**bad)])
 
 
@@ -169,13 +169,16 @@ def test_resolve_device_and_dtype() -> None:
 
 
 def test_engine_runs_without_the_service_packages() -> None:
-    # A bare GPU host has only torch, diffusers and friends: simulate it by hiding the service packages.
+    # A bare GPU host has only torch, diffusers and friends (and this repository, whose pure core modules the
+    # engine shares: errors, status, work): simulate it by hiding the service packages.
     code = (
         "import sys\n"
         "for name in ['celery', 'kombu', 'redis', 'sqlalchemy', 'pydantic', 'pydantic_settings', 'boto3',\n"
-        "             'botocore', 'fastapi', 'core', 'api']:\n"
+        "             'botocore', 'fastapi', 'starlette', 'psycopg', 'api']:\n"
         "    sys.modules[name] = None\n"
         "import worker.engine, worker.encode, deploy.tiny_checkpoint\n"
+        "assert {m for m in sys.modules if m.startswith('core')} <= {'core', 'core.errors', 'core.status',"
+        " 'core.work'}\n"
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
@@ -233,8 +236,8 @@ def test_prepare_runs_safely_while_a_batch_runs(engine: Engine, reference: ZImag
     prepared_next: list[Any] = []
     thread = threading.Thread(target=lambda: prepared_next.append(engine.prepare(following)))
 
-    def start_preparing(step: int, total: int) -> bool:
-        if step == 1:
+    def start_preparing(steps: Sequence[int]) -> bool:
+        if steps[0] == 1:
             thread.start()
         return False
 
@@ -248,7 +251,6 @@ def test_prepare_runs_safely_while_a_batch_runs(engine: Engine, reference: ZImag
         for req, result in zip(reqs, results, strict=True):
             for seed, image in zip(req.seeds, images_of(result), strict=True):
                 assert diff(image, single(reference, req, seed)) <= TOLERANCE
-
 
 
 def test_bfloat16_batches_equal_single_calls() -> None:
@@ -266,6 +268,6 @@ def test_bfloat16_batches_equal_single_calls() -> None:
     batched = [images[0] for images in generate(engine, jobs)]
     assert max(diff(a, b) for a, b in zip(batched, direct, strict=True)) <= TOLERANCE
     # The guard: with float32's choice, a prompt encoded alone pads to its own length (+1) and drifts in bf16.
-    loose = Engine(pipe, model_id="bf16-loose", pad_to_longest=True)
+    loose = Engine(pipe, model_id="bf16-loose", options=EngineOptions(device="cpu", pad_to_longest=True))
     drifted = [generate(loose, [job])[0][0] for job in jobs]
     assert max(diff(a, b) for a, b in zip(drifted, direct, strict=True)) > TOLERANCE

@@ -3,19 +3,23 @@ cancel mid-batch, refused input, fencing of a stale worker, overlap of batches a
 
 from __future__ import annotations
 
+import io
 import secrets
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from PIL import Image
 from sqlalchemy import Engine, insert, text
 
-from core import lifecycle
+from core import ids, lifecycle, storage
 from core.ids import tenant_id as new_tenant_id
 from core.models import jobs as jobs_table
-from core.models import tenants
+from core.models import tenants, uploads
 from core.schemas import JobRequest
 from core.settings import Settings
 from core.status import ErrorCode
@@ -23,6 +27,7 @@ from core.submission import build_job_row
 from tests.fixtures.services import clear_jobs
 from worker import process
 from worker.process import WorkerContext
+from worker.results import Recorder
 from worker.runner import run_queue
 
 
@@ -76,6 +81,53 @@ def ends(db: Engine, ids: list[str]) -> dict[str, tuple[str, str | None]]:
         return {r.id: (r.status, r.error_code) for r in rows}
 
 
+@contextmanager
+def oom_above(engine: Any, images: int | None) -> Iterator[None]:
+    """Pipeline calls of ``engine`` (generate or edit) over ``images`` images run out of memory in the block."""
+    saved = engine.options
+    engine.options = replace(saved, oom_above_images=images)
+    try:
+        yield
+    finally:
+        engine.options = saved
+
+
+def add_img2img_job(ctx: WorkerContext, db: Engine, tenant: str, num_images: int) -> str:
+    """An uploaded picture and a queued img2img job on it (straight into S3 and Postgres)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 40, 40)).save(buffer, "PNG")
+    upload = ids.upload_id()
+    key = storage.upload_key(tenant, upload, "png")
+    storage.put_object_checked(ctx.s3, ctx.settings.s3_bucket, key, buffer.getvalue(), "image/png")
+    req = JobRequest.model_validate(
+        {"kind": "edit", "mode": "img2img", "prompt": "oom", "width": 256, "height": 256, "seed": 5,
+         "num_images": num_images, "input_images": [{"upload_id": upload}]}
+    )  # fmt: skip
+    row = build_job_row(req, tenant_id=tenant, max_attempts=3)
+    with db.begin() as conn:
+        conn.execute(
+            insert(uploads).values(
+                id=upload, tenant_id=tenant, key=key, width=256, height=256, format="png",
+                bytes=len(buffer.getvalue()), sha256="0" * 64,
+            )
+        )  # fmt: skip
+        conn.execute(insert(jobs_table).values(**row))
+    return str(row["id"])
+
+
+def test_an_edit_batch_out_of_memory_splits_or_fails_only_with_out_of_memory(ctx, db, tenant) -> None:  # type: ignore[no-untyped-def]
+    # Like a generate batch: split until each part fits; an image that fits nowhere fails as out_of_memory.
+    fits = add_img2img_job(ctx, db, tenant, num_images=2)
+    with oom_above(ctx.edit_engine, 1):
+        run_queue(ctx, "generate")
+    assert ends(db, [fits]) == {fits: ("succeeded", None)}
+    assert len(objects_of(ctx, tenant, fits)) == 2
+    doomed = add_img2img_job(ctx, db, tenant, num_images=1)
+    with oom_above(ctx.edit_engine, 0):
+        run_queue(ctx, "generate")
+    assert ends(db, [doomed]) == {doomed: ("failed", "out_of_memory")}
+
+
 def objects_of(ctx: WorkerContext, tenant: str, job_id: str) -> list[str]:
     """The S3 keys under a job's result prefix."""
     listing = ctx.s3.list_objects_v2(Bucket=ctx.settings.s3_bucket, Prefix=f"results/{tenant}/{job_id}/")
@@ -84,11 +136,8 @@ def objects_of(ctx: WorkerContext, tenant: str, job_id: str) -> list[str]:
 
 def test_out_of_memory_fails_the_job_and_the_worker_serves_the_next(ctx, db, tenant) -> None:  # type: ignore[no-untyped-def]
     doomed = add_jobs(db, tenant, 1)
-    ctx.engine.oom_above_images = 0  # not even one image fits
-    try:
+    with oom_above(ctx.engine, 0):  # not even one image fits
         run_queue(ctx, "generate")
-    finally:
-        ctx.engine.oom_above_images = None
     assert ends(db, doomed) == {doomed[0]: ("failed", "out_of_memory")}
     assert objects_of(ctx, tenant, doomed[0]) == []
     fine = add_jobs(db, tenant, 1)
@@ -98,11 +147,8 @@ def test_out_of_memory_fails_the_job_and_the_worker_serves_the_next(ctx, db, ten
 
 def test_a_batch_that_does_not_fit_is_split_and_every_job_succeeds(ctx, db, tenant) -> None:  # type: ignore[no-untyped-def]
     ids = add_jobs(db, tenant, 4)
-    ctx.engine.oom_above_images = 1
-    try:
+    with oom_above(ctx.engine, 1):
         report = run_queue(ctx, "generate")
-    finally:
-        ctx.engine.oom_above_images = None
     assert report.batches == 1  # claimed together, split only on the accelerator
     assert set(ends(db, ids).values()) == {("succeeded", None)}
 
@@ -177,7 +223,7 @@ def test_a_stale_worker_cannot_overwrite_the_attempt_that_replaced_it(ctx, db, t
         )
         assert not lifecycle.record_failure(conn, first, code=ErrorCode.INTERNAL_ERROR, message="late")
         assert not lifecycle.release(conn, first)
-        assert lifecycle.heartbeat(conn, [first], step=3, lease_s=60) == set()
+        assert lifecycle.heartbeat(conn, [first], steps=[3], lease_s=60) == set()
         row = conn.execute(text("SELECT status, attempt, outputs FROM jobs WHERE id = :id"), {"id": job}).one()
     assert (row.status, row.attempt, row.outputs) == ("succeeded", 2, outputs_b)
 
@@ -229,7 +275,7 @@ def test_a_retried_job_runs_only_once_earlier_results_are_recorded(ctx, db, tena
     fresh, retried = add_jobs(db, tenant, 2)
     with db.begin() as conn:  # it lost a worker once: it may be the job that crashes workers
         conn.execute(text("UPDATE jobs SET attempt = 1 WHERE id = :id"), {"id": retried})
-    slow_store = runner.store_job
+    slow_store = Recorder.store
 
     def store_slowly(*args: Any) -> str:
         time.sleep(0.5)  # the upload of the fresh job is still going when the retried job is claimed
@@ -243,7 +289,7 @@ def test_a_retried_job_runs_only_once_earlier_results_are_recorded(ctx, db, tena
             seen.update(ends(db, [fresh]))
         return run_batch(ctx_, batch, report)
 
-    monkeypatch.setattr(runner, "store_job", store_slowly)
+    monkeypatch.setattr(Recorder, "store", store_slowly)
     monkeypatch.setattr(runner, "run_batch", watch)
     report = run_queue(ctx, "generate")
     # Were the retried job to crash the worker, the fresh job's finished image would not be lost with it.

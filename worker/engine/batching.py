@@ -17,7 +17,6 @@ from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 
 T = TypeVar("T")
 
-PATCH_PIXELS = 16  # VAE scale 8 x transformer patch 2: one image token per 16x16 pixels
 DEFAULT_TOKEN_BUDGET = 8192  # 1024^2: 2 images, 512^2: 8, 256^2: 32
 DEFAULT_MAX_IMAGES = 32  # the token budget is the real limit; this caps tiny images
 # Token equivalents below which a transformer call underuses the device: an H100 needs about four 512^2 images
@@ -29,11 +28,6 @@ MIN_CALL_TOKENS_CPU = 512
 def default_min_call_tokens(device_type: str) -> int:
     """The saturation point of ``call_cost`` for a device type."""
     return MIN_CALL_TOKENS_CUDA if device_type == "cuda" else MIN_CALL_TOKENS_CPU
-
-
-def image_tokens(width: int, height: int) -> int:
-    """Image tokens (latent patches) one image of this size puts in the transformer's sequence."""
-    return (width // PATCH_PIXELS) * (height // PATCH_PIXELS)
 
 
 def caption_bucket(caption_tokens: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,16 +25,19 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from PIL import Image, ImageOps
 from safetensors import safe_open
 
+from core.errors import InvalidInput, OutOfMemory
+from core.work import PIXELS_PER_TOKEN, denoising_steps
 from worker.engine.decode import decode_latents
-from worker.engine.run import BatchInterrupted
+from worker.engine.oom import check_injected, run_in_halves
+from worker.engine.options import EngineOptions
+from worker.engine.progress import Progress, StepCallback
 
 log = logging.getLogger(__name__)
 
 EditMode = Literal["instruct", "img2img", "inpaint"]
-StepCallback = Callable[[int, int], bool]
+EditResult = list[Image.Image] | OutOfMemory
 
 MAX_CONDITION_IMAGES = 3
-LATENT_MULTIPLE = 16  # output sides: VAE factor 8 times transformer patch 2 (every Z-Image checkpoint)
 # ZImageOmniPipeline refuses condition images under 64 px a side or beyond 8:1 (Flux2ImageProcessor
 # .check_image_input): such inputs are cropped to 8:1 and scaled up to 64 px here instead of failing the job.
 MIN_CONDITION_SIDE = 64
@@ -79,12 +82,6 @@ class _Call:
     steps: int
 
 
-def denoising_steps(steps: int, strength: float) -> int:
-    """How many steps img2img / inpaint run for ``steps`` and ``strength`` (diffusers' get_timesteps)."""
-    init_timestep = min(steps * strength, steps)
-    return steps - int(max(steps - init_timestep, 0))
-
-
 class EditEngine:
     """Runs edit requests on pipelines that share the loaded Turbo pipeline's modules.
 
@@ -93,19 +90,16 @@ class EditEngine:
     """
 
     def __init__(
-        self,
-        turbo_pipe: ZImagePipeline | None,
-        *,
-        edit_model: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, turbo_pipe: ZImagePipeline | None, *, edit_model: str | None = None, options: EngineOptions | None = None
     ) -> None:
+        """Edit with ``turbo_pipe``'s modules and/or the edit checkpoint ``edit_model``, placed as ``options`` say
+        (the options the Turbo pipeline was loaded with)."""
         if turbo_pipe is None and not edit_model:
             raise ValueError("an EditEngine needs the Turbo pipeline, an edit model, or both")
+        self.options = options or EngineOptions()
         self.turbo = turbo_pipe
-        default_device = turbo_pipe._execution_device if turbo_pipe is not None else torch.device("cpu")
-        self.device = torch.device(device) if device is not None else default_device
-        self.dtype = dtype or (turbo_pipe.transformer.dtype if turbo_pipe is not None else torch.bfloat16)
+        self.device = self.options.torch_device
+        self.dtype = self.options.torch_dtype
         self.edit_model = edit_model
         self.img2img: ZImageImg2ImgPipeline | None = None
         self.inpaint: ZImageInpaintPipeline | None = None
@@ -136,98 +130,124 @@ class EditEngine:
             requests.append(EditRequest("instruct", "warmup", (gray,), None, 256, 256, 1, 0.0, 1.0, (0,)))
         self.edit(requests)
 
-    def edit(self, requests: Sequence[EditRequest], on_step: StepCallback | None = None) -> list[list[Image.Image]]:
-        """Run every request, batching compatible ones into one call; returns the images grouped per request.
+    def edit(self, requests: Sequence[EditRequest], on_step: StepCallback | None = None) -> list[EditResult]:
+        """Run every request, batching compatible ones into one call; per request, its images or OutOfMemory.
 
-        ``on_step(done, total)`` counts denoising steps over all the calls this takes; returning True stops
-        the batch with BatchInterrupted.
+        A call that runs out of memory runs again in halves, down to single images; a request whose image does
+        not fit alone gets OutOfMemory and the others still get their images. ``on_step`` gets each request's
+        steps done after every denoising step (see ``Progress``); returning True stops the batch with
+        BatchInterrupted.
         """
         if not requests:
             return []
         for request in requests:
             self._check(request)
         calls = _plan(requests)
-        progress = _Progress(on_step, sum(call.steps for call in calls))
-        results: list[list[Image.Image]] = [[] for _ in requests]
+        # Image i of the batch: its request and seed, requests in order.
+        items = [(index, seed) for index, request in enumerate(requests) for seed in request.seeds]
+        totals = [r.steps if r.mode == "instruct" else denoising_steps(r.steps, r.strength) for r in requests]
+        progress = Progress(on_step, totals, [index for index, _ in items])
+        first_image: dict[int, int] = {}
+        for image, (index, _) in enumerate(items):
+            first_image.setdefault(index, image)
+        images: dict[int, Image.Image] = {}
+        failed: dict[int, OutOfMemory] = {}
         for call in calls:
-            chosen = [requests[i] for i in call.indices]
+            members = [first_image[index] + k for index in call.indices for k in range(len(requests[index].seeds))]
             if call.steps == 0:
                 # strength rounds to no denoising step (diffusers refuses that call): the input comes back.
-                images = [_fit(r.images[0], r.width, r.height) for r in chosen for _ in r.seeds]
-            elif call.mode == "instruct":
-                images = self._instruct(chosen[0], progress)
-            else:
-                images = self._repaint(call.mode, chosen, progress)
-            start = 0
-            for index, request in zip(call.indices, chosen, strict=True):
-                results[index] = images[start : start + len(request.seeds)]
-                start += len(request.seeds)
-        return results
+                for image in members:
+                    r = requests[items[image][0]]
+                    images[image] = _fit(r.images[0], r.width, r.height)
+                continue
+            first = requests[call.indices[0]]
+
+            def run(chosen: list[int], mode: EditMode = call.mode) -> list[Image.Image]:
+                picked = [(requests[items[i][0]], items[i][1]) for i in chosen]
+                check_injected(len(chosen), self.options.oom_above_images)
+                progress.begin(chosen)
+                if mode == "instruct":
+                    return self._instruct(picked, progress)
+                return self._repaint(mode, picked, progress)
+
+            images.update(
+                run_in_halves(
+                    members,
+                    run,
+                    request_of=lambda i: items[i][0],
+                    failed=failed,
+                    device=self.device,
+                    what=f"{first.width}x{first.height} {first.mode}",
+                )
+            )
+        grouped: list[list[Image.Image]] = [[] for _ in requests]
+        for image, (index, _) in enumerate(items):
+            if index not in failed:
+                grouped[index].append(images[image])
+        return [failed.get(index, images_of) for index, images_of in enumerate(grouped)]
 
     def _check(self, request: EditRequest) -> None:
         """Refuse a request no pipeline call can serve, before any call runs."""
-        multiple = LATENT_MULTIPLE
+        multiple = PIXELS_PER_TOKEN
         if request.width <= 0 or request.height <= 0 or request.width % multiple or request.height % multiple:
-            raise ValueError(f"width and height must be positive multiples of {multiple}")
+            raise InvalidInput(f"width and height must be positive multiples of {multiple}")
         if not request.seeds:
-            raise ValueError("every request needs at least one seed")
+            raise InvalidInput("every request needs at least one seed")
         if request.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {request.steps}")
+            raise InvalidInput(f"steps must be at least 1, got {request.steps}")
         if request.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must not be negative, got {request.guidance_scale}")
+            raise InvalidInput(f"guidance_scale must not be negative, got {request.guidance_scale}")
         if request.mode == "instruct":
             if not 1 <= len(request.images) <= MAX_CONDITION_IMAGES:
-                raise ValueError(f"instruct takes 1 to {MAX_CONDITION_IMAGES} images, got {len(request.images)}")
+                raise InvalidInput(f"instruct takes 1 to {MAX_CONDITION_IMAGES} images, got {len(request.images)}")
             if self.omni is None:
-                raise ValueError("instruct edits need an edit model: set ZIMAGE_EDIT_MODEL")
+                raise InvalidInput("instruct edits need an edit model: set ZIMAGE_EDIT_MODEL")
         elif request.mode in ("img2img", "inpaint"):
             if self.img2img is None:
-                raise ValueError(f"{request.mode} edits need the Turbo pipeline on this worker")
+                raise InvalidInput(f"{request.mode} edits need the Turbo pipeline on this worker")
             if len(request.images) != 1:
-                raise ValueError(f"{request.mode} takes exactly one image, got {len(request.images)}")
+                raise InvalidInput(f"{request.mode} takes exactly one image, got {len(request.images)}")
             if not 0.0 <= request.strength <= 1.0:
-                raise ValueError(f"strength must be in [0, 1], got {request.strength}")
+                raise InvalidInput(f"strength must be in [0, 1], got {request.strength}")
             if (request.mode == "inpaint") != (request.mask is not None):
-                raise ValueError("inpaint needs a mask, and only inpaint takes one")
+                raise InvalidInput("inpaint needs a mask, and only inpaint takes one")
         else:
-            raise ValueError(f"unknown edit mode {request.mode!r}")
+            raise InvalidInput(f"unknown edit mode {request.mode!r}")
 
-    def _repaint(self, mode: EditMode, requests: list[EditRequest], progress: _Progress) -> list[Image.Image]:
-        """One img2img or inpaint call for requests sharing mode, size, steps, strength and guidance."""
-        first = requests[0]
+    def _repaint(self, mode: EditMode, items: list[tuple[EditRequest, int]], progress: Progress) -> list[Image.Image]:
+        """One img2img or inpaint call for images whose requests share mode, size, steps, strength, guidance."""
+        first = items[0][0]
         pipe = self.inpaint if mode == "inpaint" else self.img2img
         assert pipe is not None  # _check refused img2img / inpaint without Turbo
         # The pipelines encode the image at its own size and noise latents of the requested size: they must
         # agree, so every image is fitted (scaled and centre-cropped, never stretched) to the output size.
         # Each output image gets its own copy of its request's inputs, so the batch is one tensor.
-        kwargs: dict[str, Any] = {
-            "image": [_fit(r.images[0], r.width, r.height) for r in requests for _ in r.seeds],
-        }
+        kwargs: dict[str, Any] = {"image": [_fit(r.images[0], r.width, r.height) for r, _ in items]}
         if mode == "inpaint":
-            kwargs["mask_image"] = [_fit_mask(r.mask, r.width, r.height) for r in requests for _ in r.seeds]
-        return self._call(pipe, requests, progress, strength=first.strength, **kwargs)
+            kwargs["mask_image"] = [_fit_mask(r.mask, r.width, r.height) for r, _ in items]
+        return self._call(pipe, items, progress, strength=first.strength, **kwargs)
 
-    def _instruct(self, request: EditRequest, progress: _Progress) -> list[Image.Image]:
-        """One ZImageOmniPipeline call for one request; its images share the condition images."""
+    def _instruct(self, items: list[tuple[EditRequest, int]], progress: Progress) -> list[Image.Image]:
+        """One ZImageOmniPipeline call for images of one request; they share its condition images."""
         # ZImageOmniPipeline takes ONE list of condition images per call and copies it to every batch item,
         # so requests with different images cannot share a call: one call per job, whose num_images (one
         # generator each) do run as one batch.
         assert self.omni is not None
-        images = [_condition_image(image) for image in request.images]
-        return self._call(self.omni, [request], progress, image=images)
+        images = [_condition_image(image) for image in items[0][0].images]
+        return self._call(self.omni, items, progress, image=images)
 
     def _call(
-        self, pipe: Any, requests: list[EditRequest], progress: _Progress, **inputs: Any
+        self, pipe: Any, items: list[tuple[EditRequest, int]], progress: Progress, **inputs: Any
     ) -> list[Image.Image]:
-        """Call ``pipe`` once with one prompt and one CPU generator per output image."""
-        first = requests[0]
-        prompts = [r.prompt for r in requests for _ in r.seeds]
+        """Call ``pipe`` once: one prompt and one CPU generator per output image (request, seed)."""
+        first = items[0][0]
+        prompts = [r.prompt for r, _ in items]
         negatives = None
         # Like ZImagePipeline, these run classifier-free guidance whenever guidance_scale > 0.
         if first.guidance_scale > 0:
-            negatives = [r.negative_prompt or "" for r in requests for _ in r.seeds]
+            negatives = [r.negative_prompt or "" for r, _ in items]
         # One CPU generator per image: each image's noise is the same whatever batch or device it runs on.
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for r in requests for seed in r.seeds]
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in items]
         output = pipe(
             # The pipelines rewrite list prompts in place (chat template): always hand them fresh lists.
             prompt=list(prompts),
@@ -247,30 +267,6 @@ class EditEngine:
         )
         progress.raise_if_stopped()
         return decode_latents(pipe.vae, output.images)
-
-
-class _Progress:
-    """Counts denoising steps over several pipeline calls and forwards them to on_step."""
-
-    def __init__(self, on_step: StepCallback | None, total: int) -> None:
-        self.on_step = on_step
-        self.total = total
-        self.done = 0
-        self.stopped = False
-
-    def callback(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        """diffusers' callback_on_step_end: count the step, ask on_step, set the interrupt flag on True."""
-        self.done += 1
-        if self.on_step is not None and self.on_step(self.done, self.total):
-            # The pipeline skips every remaining step once its interrupt flag is set.
-            pipe._interrupt = True
-            self.stopped = True
-        return {}
-
-    def raise_if_stopped(self) -> None:
-        """Raise BatchInterrupted when on_step asked to stop during the last call."""
-        if self.stopped:
-            raise BatchInterrupted(self.done, self.total)
 
 
 def _plan(requests: Sequence[EditRequest]) -> list[_Call]:
@@ -416,9 +412,7 @@ def _init_config(cls: type, config: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments a diffusers config stands for: saved values over the signature defaults."""
     params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
     values = {
-        name: p.default
-        for name, p in params.items()
-        if name != "self" and p.default is not inspect.Parameter.empty
+        name: p.default for name, p in params.items() if name != "self" and p.default is not inspect.Parameter.empty
     }
     values.update({k: v for k, v in config.items() if k in params})
     return values

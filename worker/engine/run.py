@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,19 +21,15 @@ import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
-from worker.engine.batching import (
-    caption_bucket,
-    default_min_call_tokens,
-    distinct,
-    halves,
-    image_tokens,
-    plan_calls,
-)
-from worker.engine.decode import DEFAULT_DECODE_PIXELS, decode_latents
-from worker.engine.embeddings import DEFAULT_CACHE_BYTES, ENCODE_CHUNK, EmbeddingCache, PromptEncoder
-from worker.engine.oom import OutOfMemory, check_injected, free_memory, short_message
-from worker.engine.pipelines import load_turbo, resolve_options
-from worker.engine.progress import BatchProgress, StepCallback
+from core.errors import InvalidInput, OutOfMemory
+from core.work import PIXELS_PER_TOKEN, image_tokens
+from worker.engine.batching import caption_bucket, default_min_call_tokens, distinct, plan_calls
+from worker.engine.decode import decode_latents
+from worker.engine.embeddings import ENCODE_CHUNK, EmbeddingCache, PromptEncoder
+from worker.engine.oom import check_injected, run_in_halves
+from worker.engine.options import EngineOptions
+from worker.engine.pipelines import load_turbo
+from worker.engine.progress import Progress, StepCallback
 
 WARMUP_SIZE = 256  # the smallest size the service allows
 
@@ -51,15 +47,6 @@ class ImageRequest:
     guidance_scale: float
     seeds: tuple[int, ...]
     negative_prompt: str | None = None
-
-
-class BatchInterrupted(Exception):
-    """The step callback asked the batch to stop (cancel)."""
-
-    def __init__(self, steps_done: int, total: int) -> None:
-        super().__init__(f"batch interrupted after step {steps_done} of {total}")
-        self.steps_done = steps_done
-        self.total = total
 
 
 @dataclass(frozen=True)
@@ -102,44 +89,34 @@ class Engine:
         pipe: ZImagePipeline,
         *,
         model_id: str,
-        embedding_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        options: EngineOptions | None = None,
         embedding_cache: EmbeddingCache | None = None,
-        pad_to_longest: bool | None = None,
-        min_call_tokens: int | None = None,
-        decode_pixels: int = DEFAULT_DECODE_PIXELS,
-        oom_above_images: int | None = None,
-        cpu_offload: bool = False,
-        merge_buckets: bool | None = None,
     ) -> None:
-        check_engine_options(
-            embedding_cache_bytes=embedding_cache_bytes,
-            min_call_tokens=min_call_tokens,
-            decode_pixels=decode_pixels,
-            oom_above_images=oom_above_images,
-        )
+        """Run ``pipe`` (already loaded and placed) with ``options``' tuning; ``embedding_cache`` may be shared."""
+        options = options or EngineOptions(device=str(pipe._execution_device))
         self.pipe = pipe
         self.model_id = model_id
+        self.options = options
         self.load_count = 0
         self.busy_seconds = 0.0  # wall seconds inside run()'s accelerator work, synchronized on CUDA
         # Looked up once: the pipeline's property walks every module on each access.
         self._device: torch.device = pipe._execution_device
         self.min_call_tokens = (
-            default_min_call_tokens(self._device.type) if min_call_tokens is None else min_call_tokens
+            default_min_call_tokens(self._device.type) if options.min_call_tokens is None else options.min_call_tokens
         )
-        self.decode_pixels = decode_pixels
-        self.oom_above_images = oom_above_images
         # Whether captions of different buckets may share a (masked) call. In float32 a masked call gives each
         # image its single call's result (tests: within 1/255); in bf16 the masked attention kernel rounds
         # differently from the unmasked one (measured up to 5/255), so half precision keeps buckets apart.
-        self.merge_buckets = pipe.transformer.dtype == torch.float32 if merge_buckets is None else merge_buckets
-        if embedding_cache is None and embedding_cache_bytes > 0:
-            embedding_cache = EmbeddingCache(embedding_cache_bytes)
+        merge = options.merge_buckets
+        self.merge_buckets = pipe.transformer.dtype == torch.float32 if merge is None else merge
+        if embedding_cache is None and options.embedding_cache_bytes > 0:
+            embedding_cache = EmbeddingCache(options.embedding_cache_bytes)
         self.embedding_cache = embedding_cache
         text_lock = threading.Lock()
         # Padding to the longest prompt (and encoding prompts together) only where the embeddings stay identical
         # to the pipeline's: float32. In half precision each prompt is encoded alone at 512, as the pipeline does.
         exact_text = pipe.text_encoder.dtype == torch.float32
-        longest = exact_text if pad_to_longest is None else pad_to_longest
+        longest = exact_text if options.pad_to_longest is None else options.pad_to_longest
         self.encoder = PromptEncoder(
             pipe.tokenizer,
             pipe.text_encoder,
@@ -153,58 +130,13 @@ class Engine:
         )
         # With CPU offload, the transformer's hook moves the text encoder off the GPU at every pass: encoding
         # must not overlap a run, so both take the same lock. Otherwise they may overlap freely.
-        self._run_lock = text_lock if cpu_offload else threading.Lock()
+        self._run_lock = text_lock if options.cpu_offload else threading.Lock()
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        compile_transformer: bool = False,
-        attention_backend: str | None = None,
-        cpu_offload: bool = False,
-        embedding_cache_bytes: int = DEFAULT_CACHE_BYTES,
-        pad_to_longest: bool | None = None,
-        min_call_tokens: int | None = None,
-        decode_pixels: int = DEFAULT_DECODE_PIXELS,
-        oom_above_images: int | None = None,
-        merge_buckets: bool | None = None,
-    ) -> Engine:
-        """Load the Turbo pipeline from a hub id or local folder; every option is checked before any weight loads."""
-        options = resolve_options(
-            device=device,
-            dtype=dtype,
-            compile_transformer=compile_transformer,
-            attention_backend=attention_backend,
-            cpu_offload=cpu_offload,
-        )
-        check_engine_options(
-            embedding_cache_bytes=embedding_cache_bytes,
-            min_call_tokens=min_call_tokens,
-            decode_pixels=decode_pixels,
-            oom_above_images=oom_above_images,
-        )
-        pipe = load_turbo(
-            model,
-            options.device,
-            options.dtype,
-            compile_transformer=options.compile_transformer,
-            attention_backend=options.attention_backend,
-            cpu_offload=options.cpu_offload,
-        )
-        engine = cls(
-            pipe,
-            model_id=model,
-            embedding_cache_bytes=embedding_cache_bytes,
-            pad_to_longest=pad_to_longest,
-            min_call_tokens=min_call_tokens,
-            decode_pixels=decode_pixels,
-            oom_above_images=oom_above_images,
-            cpu_offload=options.cpu_offload,
-            merge_buckets=merge_buckets,
-        )
+    def from_pretrained(cls, model: str, options: EngineOptions | None = None) -> Engine:
+        """Load the Turbo pipeline from a hub id or local folder; ``options`` were checked when built."""
+        options = options or EngineOptions()
+        engine = cls(load_turbo(model, options), model_id=model, options=options)
         engine.load_count = 1
         return engine
 
@@ -268,8 +200,8 @@ class Engine:
         """Denoise and decode a prepared batch; returns, per request in order, its images or ``OutOfMemory``.
 
         A request whose image did not fit even alone gets an OutOfMemory marker (its other images are dropped);
-        the other requests still get their images. ``on_step(step, steps)`` is called after every denoising
-        step; returning True stops the batch with BatchInterrupted.
+        the other requests still get their images. ``on_step`` gets each request's steps done after every
+        denoising step (see ``Progress``); returning True stops the batch with BatchInterrupted.
         """
         if prepared.shape is None:
             return []
@@ -287,11 +219,11 @@ class Engine:
         for i, item in enumerate(prepared.images):
             if item.request not in failed:
                 grouped[item.request].append(images[i])
-        return [OutOfMemory(failed[i]) if i in failed else grouped[i] for i in range(len(grouped))]
+        return [failed[i] if i in failed else grouped[i] for i in range(len(grouped))]
 
     def _run_calls(
         self, prepared: PreparedBatch, shape: BatchShape, on_step: StepCallback | None
-    ) -> tuple[dict[int, Image.Image], dict[int, str]]:
+    ) -> tuple[dict[int, Image.Image], dict[int, OutOfMemory]]:
         """Run the batch's pipeline calls; returns images by image index and failures by request index."""
         # Caption buckets: one call per bucket needs no attention mask and no padding tokens, but only pays
         # when each call still fills the accelerator; small neighbouring buckets share a (masked) call. Either
@@ -304,56 +236,36 @@ class Engine:
             self.pipe.transformer.config.dim,
             merge=self.merge_buckets,
         )
-        progress = BatchProgress(on_step, shape.steps, len(calls))
+        progress = Progress(on_step, [shape.steps] * len(prepared.requests), [item.request for item in prepared.images])
         images: dict[int, Image.Image] = {}
-        failed: dict[int, str] = {}
+        failed: dict[int, OutOfMemory] = {}
+
+        def run(indices: list[int]) -> list[Image.Image]:
+            return self._denoise_and_decode(prepared, shape, indices, progress)
+
         for call in calls:
-            self._run_call(prepared, shape, call, progress, images, failed)
+            images.update(
+                run_in_halves(
+                    call,
+                    run,
+                    request_of=lambda i: prepared.images[i].request,
+                    failed=failed,
+                    device=self._device,
+                    what=f"{shape.width}x{shape.height}",
+                )
+            )
         return images, failed
 
-    def _run_call(
-        self,
-        prepared: PreparedBatch,
-        shape: BatchShape,
-        indices: list[int],
-        progress: BatchProgress,
-        images: dict[int, Image.Image],
-        failed: dict[int, str],
-    ) -> None:
-        """One pipeline call; on out-of-memory, free memory and retry each half, down to single images."""
-        # A request that already failed is dropped whole: its remaining images would be thrown away.
-        indices = [i for i in indices if prepared.images[i].request not in failed]
-        if not indices:
-            progress.call_dropped()
-            return
-        message = None
-        try:
-            images.update(zip(indices, self._denoise_and_decode(prepared, shape, indices, progress), strict=True))
-            progress.call_done()
-            return
-        except torch.OutOfMemoryError as exc:
-            message = short_message(exc)
-        # Outside the except block: the error's traceback (and the tensors its frames hold) is released now.
-        free_memory(self._device)
-        if len(indices) == 1:
-            request = prepared.images[indices[0]].request
-            failed[request] = f"out of memory generating one {shape.width}x{shape.height} image: {message}"
-            progress.call_dropped()
-            return
-        progress.call_split()
-        for half in halves(indices):
-            self._run_call(prepared, shape, half, progress, images, failed)
-
     def _denoise_and_decode(
-        self, prepared: PreparedBatch, shape: BatchShape, indices: list[int], progress: BatchProgress
+        self, prepared: PreparedBatch, shape: BatchShape, indices: list[int], progress: Progress
     ) -> list[Image.Image]:
         """One pipeline call on the given images, from their embeddings and noise; the VAE decode in chunks."""
-        check_injected(len(indices), self.oom_above_images)
+        check_injected(len(indices), self.options.oom_above_images)
         items = [prepared.images[i] for i in indices]
-        stopped: list[int] = []
+        progress.begin(indices)
         kwargs: dict[str, Any] = {}
         if progress.on_step is not None:
-            kwargs["callback_on_step_end"] = self._step_callback(progress, stopped)
+            kwargs["callback_on_step_end"] = progress.callback
         guided = shape.guidance_scale > 0
         output = self.pipe(
             # Fresh lists each call: the pipeline must never see (or rewrite) a list a retry would reuse.
@@ -369,9 +281,8 @@ class Engine:
             output_type="latent",
             **kwargs,
         )
-        if stopped:
-            raise BatchInterrupted(progress.reported, shape.steps)
-        return decode_latents(self.pipe.vae, output.images, max_pixels=self.decode_pixels)
+        progress.raise_if_stopped()
+        return decode_latents(self.pipe.vae, output.images, max_pixels=self.options.decode_pixels)
 
     def _shared_shape(self, requests: Sequence[ImageRequest]) -> BatchShape:
         """Check the requests can share one call and return what they share."""
@@ -380,18 +291,18 @@ class Engine:
         for request in requests:
             other = BatchShape(request.width, request.height, request.steps, float(request.guidance_scale))
             if other != shape:
-                raise ValueError(f"requests in one batch must share size, steps and guidance: {shape} != {other}")
+                raise InvalidInput(f"requests in one batch must share size, steps and guidance: {shape} != {other}")
             if not request.seeds:
-                raise ValueError("every request needs at least one seed")
-        multiple = self.pipe.vae_scale_factor * 2
+                raise InvalidInput("every request needs at least one seed")
+        multiple = PIXELS_PER_TOKEN
         if shape.width <= 0 or shape.height <= 0 or shape.width % multiple or shape.height % multiple:
-            raise ValueError(
+            raise InvalidInput(
                 f"width and height must be positive multiples of {multiple}, got {shape.width}x{shape.height}"
             )
         if shape.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {shape.steps}")
+            raise InvalidInput(f"steps must be at least 1, got {shape.steps}")
         if shape.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must not be negative, got {shape.guidance_scale}")
+            raise InvalidInput(f"guidance_scale must not be negative, got {shape.guidance_scale}")
         return shape
 
     def _latent_shape(self, shape: BatchShape) -> tuple[int, int, int, int]:
@@ -399,19 +310,6 @@ class Engine:
         scale = self.pipe.vae_scale_factor * 2
         channels = self.pipe.transformer.config.in_channels
         return (1, channels, 2 * (shape.height // scale), 2 * (shape.width // scale))
-
-    @staticmethod
-    def _step_callback(progress: BatchProgress, stopped: list[int]) -> Callable[..., dict[str, Any]]:
-        """Adapt the batch progress to diffusers' callback_on_step_end; record where it stopped."""
-
-        def callback(pipe: ZImagePipeline, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if progress.step(index + 1):
-                # The pipeline skips every remaining step once its interrupt flag is set.
-                pipe._interrupt = True
-                stopped.append(index + 1)
-            return {}
-
-        return callback
 
 
 @contextmanager
@@ -423,20 +321,3 @@ def _intra_op_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def check_engine_options(
-    *, embedding_cache_bytes: int, min_call_tokens: int | None, decode_pixels: int, oom_above_images: int | None
-) -> None:
-    """Reject bad engine options with a ValueError that names the option."""
-    for name, value, low in (
-        ("embedding_cache_bytes", embedding_cache_bytes, 0),
-        ("min_call_tokens", 0 if min_call_tokens is None else min_call_tokens, 0),
-        ("decode_pixels", decode_pixels, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if oom_above_images is not None and (
-        isinstance(oom_above_images, bool) or not isinstance(oom_above_images, int) or oom_above_images < 0
-    ):
-        raise ValueError(f"oom_above_images must be None or an integer >= 0, got {oom_above_images!r}")
