@@ -46,7 +46,13 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
     webhook_secret: Mapped[str | None] = mapped_column(String(100))
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    # Fair share: the tenant's share of the accelerators relative to others, and its virtual clock (image tokens
+    # served divided by weight); a claim serves the queued tenant with the smallest clock first.
+    weight: Mapped[float] = mapped_column(Float, nullable=False, server_default="1")
+    vclock: Mapped[float] = mapped_column(Float, nullable=False, server_default="0")
     created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (CheckConstraint("weight > 0", name="ck_tenants_weight"),)
 
 
 class ApiKey(Base):
@@ -75,10 +81,21 @@ class Batch(Base):
         "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
     )
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_batches_tenant_id", "tenant_id", "id"),)
+    __table_args__ = (
+        Index("ix_batches_tenant_id", "tenant_id", "id"),
+        Index(
+            "uq_batches_idempotency",
+            "tenant_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
 
 
 class Upload(Base):
@@ -136,6 +153,10 @@ class Job(Base):
     timings: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Result reuse: the hash of what decides the images (model, prompt, size, steps, seed, ...) for jobs that
+    # opted in; a job that reused another's outputs names it.
+    reuse_key: Mapped[str | None] = mapped_column(String(64))
+    reused_from: Mapped[str | None] = mapped_column(String(40))
     # Set once the job id is known to be in Redis; NULL rows are re-published by the sweeper (outbox).
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(
@@ -169,6 +190,14 @@ class Job(Base):
         Index("ix_jobs_tenant_id", "tenant_id", text("id DESC")),
         Index("ix_jobs_tenant_status", "tenant_id", "status", text("id DESC")),
         Index("ix_jobs_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),
+        # A batch's jobs in submission order: its manifest and gallery.
+        Index("ix_jobs_batch_index", "batch_id", "batch_index", postgresql_where=text("batch_id IS NOT NULL")),
+        Index(
+            "ix_jobs_reuse",
+            "tenant_id",
+            "reuse_key",
+            postgresql_where=text("reuse_key IS NOT NULL AND status = 'succeeded'"),
+        ),
         Index(
             "uq_jobs_idempotency",
             "tenant_id",
