@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from api import errors
 from api.auth import KeyCache
 from api.multipart import MULTIPART_OVERHEAD
 from api.resources import Resources
-from api.routes import health, jobs, uploads
+from api.routes import batches, health, jobs, uploads
 from api.submit import GroupCommitter
 from core import storage
 from core.db import make_async_engine, make_engine
@@ -116,6 +117,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             yield
         finally:
             await res.submitter.stop()
+            if res.background:  # a batch still being published: let it finish (or fail to the sweeper)
+                await asyncio.gather(*res.background, return_exceptions=True)
             if res.sweeper is not None:
                 res.sweeper.stop()
             if res.sync_db is not None:
@@ -132,11 +135,14 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(batches.router)
     app.include_router(uploads.router)
     # Uploads carry images up to 20 MiB (their route streams with its own hard cap); JSON bodies stay small.
     upload_limit = MAX_IMAGE_BYTES + MULTIPART_OVERHEAD
     app.add_middleware(
-        BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/uploads": (upload_limit, "file")}
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        per_path={"/v1/uploads": (upload_limit, "file"), "/v1/batches": (settings.max_batch_body_bytes, "body")},
     )
 
     return app

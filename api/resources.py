@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +33,8 @@ class Resources:
     submitter: Any = None  # api.submit.GroupCommitter, started in the lifespan
     # monotonic time before which publishing is skipped (Redis just failed); the sweeper catches up.
     redis_down_until: float = 0.0
+    # Work that outlives its request (a batch's publish); awaited at shutdown.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def presign(self, key: str) -> tuple[str, datetime]:
         """A presigned GET URL for a result key and when it expires (a local computation, no I/O)."""

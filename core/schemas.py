@@ -41,6 +41,22 @@ def _depth(value: Any, level: int = 1) -> int:
     return max((_depth(c, level + 1) for c in children), default=level)
 
 
+def metadata_problem(value: dict[str, Any]) -> str | None:
+    """Why ``value`` cannot be a job's or batch's metadata (too deep, not plain JSON, NUL, over 4 KiB), or None."""
+    if _depth(value) > MAX_METADATA_DEPTH:
+        return f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels"
+    try:
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return "metadata must be plain JSON: NaN and Infinity are not allowed"
+    if "\\u0000" in encoded:  # Postgres cannot store NUL in text or JSONB
+        return "metadata must not contain NUL characters"
+    size = len(encoded.encode())
+    if size > MAX_METADATA_BYTES:
+        return f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+    return None
+
+
 class _Strict(BaseModel):
     # strict: "1024" is not a width and true is not a seed; unknown fields are typos, not silently dropped.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -136,17 +152,9 @@ class JobRequest(_Strict):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if _depth(v) > MAX_METADATA_DEPTH:
-            raise ValueError(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
-        try:
-            encoded = json.dumps(v, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except ValueError:
-            raise ValueError("metadata must be plain JSON: NaN and Infinity are not allowed") from None
-        if "\\u0000" in encoded:  # Postgres cannot store NUL in text or JSONB
-            raise ValueError("metadata must not contain NUL characters")
-        size = len(encoded.encode())
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+        problem = metadata_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("num_images")

@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_PLACEHOLDER_SECRETS = {"", "changeme", "zimage-dev-secret"}
+_PLACEHOLDER_SECRETS = {"", "changeme", "zimage-dev-secret", "zimage-dev-link-secret"}
+_MIN_LINK_SECRET_CHARS = 32
 
 
 class Settings(BaseSettings):
@@ -104,6 +105,12 @@ class Settings(BaseSettings):
     # Coalesce concurrent submissions into one transaction and one Redis pipeline (off: a row per request).
     group_commit: bool = True
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Signs the short-lived gallery links (core/links.py) that let a browser open a batch without an API key.
+    link_secret: str = "zimage-dev-link-secret"
+    link_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    # Bulk submission: jobs per batch, and the body that carries them (JSON or NDJSON).
+    max_batch_jobs: int = Field(10_000, ge=1, le=100_000)
+    max_batch_body_bytes: int = Field(32 << 20, ge=1024)
 
     @field_validator("edit_model", "attention_backend", "s3_endpoint_url", "s3_public_endpoint_url", mode="before")
     @classmethod
@@ -121,6 +128,12 @@ class Settings(BaseSettings):
     def _no_placeholder_secrets_in_production(self) -> Settings:
         if self.environment == "production" and self.s3_secret_access_key in _PLACEHOLDER_SECRETS:
             raise ValueError("ZIMAGE_S3_SECRET_ACCESS_KEY must be set to a real secret in production")
+        weak_link = self.link_secret in _PLACEHOLDER_SECRETS or len(self.link_secret) < _MIN_LINK_SECRET_CHARS
+        if self.environment == "production" and weak_link:
+            raise ValueError(
+                f"ZIMAGE_LINK_SECRET must be a real secret of at least {_MIN_LINK_SECRET_CHARS} characters in "
+                "production (e.g. openssl rand -hex 32)"
+            )
         faults = self.fault_crash_marker or self.fault_step_delay_s or self.fault_oom_above_images is not None
         if self.environment == "production" and faults:
             raise ValueError("fault injection settings (ZIMAGE_FAULT_*) are refused in production")

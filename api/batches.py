@@ -1,0 +1,314 @@
+"""Batches for a tenant: submit thousands of jobs at once, read a batch's counts, list, cancel, stream its manifest.
+
+A batch is accepted whole or not at all: its rows go in with one COPY in one transaction, and once committed its
+jobs are published to Redis in pipelined groups through the same outbox as single jobs (inserted marked
+dispatched; a failed publish unmarks them and the sweeper publishes them when Redis is back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from api.jobs import list_jobs
+from api.resources import Resources
+from api.submit import dispatch
+from core import errors, ids
+from core.batch_request import BatchSubmission
+from core.image_refs import check_batch_refs
+from core.job_object import rfc3339
+from core.models import batches, jobs
+from core.status import TERMINAL, JobStatus
+from core.submission import build_job_row
+from core.transition import transition
+
+log = logging.getLogger(__name__)
+
+PUBLISH_GROUP = 2000  # jobs per pipelined publish: bounded memory, few round trips
+MANIFEST_CHUNK = 500  # rows fetched (and presigned) per round trip while streaming a manifest
+_COPY_COLUMNS = (
+    "id",
+    "tenant_id",
+    "batch_id",
+    "batch_index",
+    "kind",
+    "queue",
+    "group_key",
+    "cost_tokens",
+    "priority",
+    "request",
+    "metadata",
+    "max_attempts",
+    "dispatched_at",
+)
+
+
+async def create_batch(
+    res: Resources,
+    *,
+    tenant_id: str,
+    submission: BatchSubmission,
+    body: bytes,
+    idempotency_key: str | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Commit a batch and every job of it in one transaction; its object, and whether it was created now (False:
+    the same ``idempotency_key`` with the same body answered before)."""
+    digest = hashlib.sha256(body).hexdigest()
+    batch_id = ids.batch_id()
+    now = datetime.now(UTC)
+    rows = [
+        build_job_row(
+            req,
+            tenant_id=tenant_id,
+            max_attempts=res.settings.max_attempts,
+            batch_id=batch_id,
+            batch_index=index,
+        )
+        for index, req in enumerate(submission.jobs)
+    ]
+    async with res.db.connect() as conn:
+        if idempotency_key is not None:
+            earlier = await _for_key(conn, tenant_id, idempotency_key)
+            if earlier is not None:
+                await conn.rollback()
+                return await _replay(conn, res, earlier, digest), False
+        if any(req.kind == "edit" for req in submission.jobs):
+            await check_batch_refs(
+                conn, tenant_id, submission.jobs, allow_hosts=res.settings.fetch_allow_hosts
+            )
+        try:
+            batch = (
+                (
+                    await conn.execute(
+                        insert(batches)
+                        .values(
+                            id=batch_id,
+                            tenant_id=tenant_id,
+                            total=len(rows),
+                            metadata=submission.metadata,
+                            idempotency_key=idempotency_key,
+                            request_hash=digest if idempotency_key is not None else None,
+                        )
+                        .returning(batches)
+                    )
+                )
+                .mappings()
+                .one()
+            )
+        except IntegrityError:  # the same key, committed a moment ago by a concurrent request
+            await conn.rollback()
+            raise errors.Conflict("a batch with this Idempotency-Key is being created; retry shortly") from None
+        await _copy_jobs(conn, rows, now)
+        await conn.commit()
+    # Published after the commit, in the background: the 202 does not wait for Redis, and a failed publish
+    # leaves the rows to the sweeper (the outbox), exactly as for single jobs.
+    pairs = [(row["id"], row["queue"]) for row in rows]
+    task = asyncio.create_task(_publish(res, pairs), name=f"publish-{batch_id}")
+    res.background.add(task)
+    task.add_done_callback(res.background.discard)
+    counts = {"queued": len(rows)}
+    return batch_object(res, batch, counts, finished_at=None), True
+
+
+async def _copy_jobs(conn: AsyncConnection, rows: list[dict[str, Any]], now: datetime) -> None:
+    """COPY the job rows in (about 10x faster than a multi-row INSERT for thousands of rows)."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    columns = ", ".join(_COPY_COLUMNS)
+    async with driver.cursor() as cursor, cursor.copy(f"COPY jobs ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            await copy.write_row(
+                (
+                    row["id"],
+                    row["tenant_id"],
+                    row["batch_id"],
+                    row["batch_index"],
+                    row["kind"],
+                    row["queue"],
+                    row["group_key"],
+                    row["cost_tokens"],
+                    row["priority"],
+                    json.dumps(row["request"], separators=(",", ":"), ensure_ascii=False),
+                    json.dumps(row["metadata"], separators=(",", ":"), ensure_ascii=False),
+                    row["max_attempts"],
+                    now,
+                )
+            )
+
+
+async def _publish(res: Resources, pairs: list[tuple[str, str]]) -> None:
+    """Publish committed jobs in pipelined groups; a group Redis refuses is left to the sweeper."""
+    for start in range(0, len(pairs), PUBLISH_GROUP):
+        await dispatch(res, pairs[start : start + PUBLISH_GROUP], marked=True)
+
+
+async def _for_key(conn: AsyncConnection, tenant_id: str, key: str) -> Any:
+    query = select(batches).where(batches.c.tenant_id == tenant_id, batches.c.idempotency_key == key)
+    return (await conn.execute(query)).mappings().first()
+
+
+async def _replay(conn: AsyncConnection, res: Resources, earlier: Any, digest: str) -> dict[str, Any]:
+    """The earlier batch of a repeated Idempotency-Key, when the body is the same."""
+    if earlier["request_hash"] != digest:
+        raise errors.ValidationFailed(
+            "this Idempotency-Key was used with a different batch",
+            [{"field": "Idempotency-Key", "message": "already used with another body"}],
+        )
+    return await _render(conn, res, earlier)
+
+
+async def _owned(conn: AsyncConnection, tenant_id: str, batch_id: str) -> Any:
+    """The tenant's batch row; NotFound for an unknown id or another tenant's."""
+    row = (
+        (await conn.execute(select(batches).where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id)))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise errors.NotFound(f"no batch {batch_id!r}")
+    return row
+
+
+async def _render(conn: AsyncConnection, res: Resources, row: Any) -> dict[str, Any]:
+    """A batch row with its jobs' counts by status, read in one grouped query."""
+    found = await conn.execute(
+        select(jobs.c.status, func.count(), func.max(jobs.c.finished_at))
+        .where(jobs.c.batch_id == row["id"])
+        .group_by(jobs.c.status)
+    )
+    counts: dict[str, int] = {}
+    finished = None
+    for status, count, last in found:
+        counts[status] = int(count)
+        if last is not None and (finished is None or last > finished):
+            finished = last
+    return batch_object(res, row, counts, finished_at=finished)
+
+
+def batch_object(
+    res: Resources, row: Any, counts: dict[str, int], *, finished_at: datetime | None
+) -> dict[str, Any]:
+    """The API's view of a batch: its counts by status, and its status derived from them."""
+    full = {status.value: counts.get(status.value, 0) for status in JobStatus}
+    active = full[JobStatus.QUEUED] + full[JobStatus.RUNNING]
+    status = "canceled" if row["status"] == "canceled" else "running" if active else "completed"
+    return {
+        "id": row["id"],
+        "object": "batch",
+        "status": status,
+        "counts": {"total": row["total"], **full},
+        "created_at": rfc3339(row["created_at"]),
+        "finished_at": rfc3339(finished_at) if not active and finished_at is not None else None,
+        "metadata": row["metadata"],
+    }
+
+
+async def get_batch(res: Resources, *, tenant_id: str, batch_id: str) -> dict[str, Any]:
+    """One batch of the tenant with its counts."""
+    async with res.db.connect() as conn:
+        return await _render(conn, res, await _owned(conn, tenant_id, batch_id))
+
+
+async def list_batch_jobs(
+    res: Resources,
+    *,
+    tenant_id: str,
+    batch_id: str,
+    status: str | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """A page of one batch's jobs (newest first, like every job list)."""
+    async with res.db.connect() as conn:
+        await _owned(conn, tenant_id, batch_id)
+    return await list_jobs(res, tenant_id=tenant_id, status=status, batch_id=batch_id, limit=limit, cursor=cursor)
+
+
+async def cancel_batch(res: Resources, *, tenant_id: str, batch_id: str) -> dict[str, Any]:
+    """Cancel every job of the batch not yet terminal (running ones stop at their next step); 409 when the
+    batch had nothing left to cancel."""
+    async with res.db.connect() as conn:
+        row = await _owned(conn, tenant_id, batch_id)
+        moved = await conn.execute(
+            transition(JobStatus.CANCELED, where=[jobs.c.batch_id == batch_id, jobs.c.tenant_id == tenant_id])
+        )
+        if moved.rowcount == 0:
+            await conn.rollback()
+            view = await _render(conn, res, row)
+            raise errors.Conflict(f"batch {batch_id} is already {view['status']}")
+        row = (
+            (
+                await conn.execute(
+                    update(batches)
+                    .where(batches.c.id == batch_id)
+                    .values(status="canceled", finished_at=func.clock_timestamp())
+                    .returning(batches)
+                )
+            )
+            .mappings()
+            .one()
+        )
+        await conn.commit()
+        return await _render(conn, res, row)
+
+
+async def manifest_lines(res: Resources, *, tenant_id: str, batch_id: str) -> AsyncIterator[bytes]:
+    """The batch's manifest: one NDJSON line per job in submission order, with fresh presigned URLs.
+
+    Streamed from a server-side cursor in chunks: memory stays flat however large the batch.
+    """
+    async with res.db.connect() as conn:
+        await _owned(conn, tenant_id, batch_id)
+        query = (
+            select(
+                jobs.c.id,
+                jobs.c.batch_index,
+                jobs.c.status,
+                jobs.c.metadata,
+                jobs.c.request,
+                jobs.c.outputs,
+                jobs.c.error_code,
+                jobs.c.error_message,
+            )
+            .where(jobs.c.batch_id == batch_id, jobs.c.tenant_id == tenant_id)
+            .order_by(jobs.c.batch_index)
+            .execution_options(yield_per=MANIFEST_CHUNK)
+        )
+        result = await conn.stream(query)
+        async for chunk in result.mappings().partitions(MANIFEST_CHUNK):
+            yield "".join(_manifest_line(res, row) for row in chunk).encode()
+
+
+def _manifest_line(res: Resources, row: Any) -> str:
+    """One job of a manifest as a JSON line."""
+    outputs = []
+    if row["status"] == JobStatus.SUCCEEDED:
+        for out in row["outputs"]:
+            url, expires = res.presign(out["key"])
+            outputs.append({**out, "url": url, "url_expires_at": rfc3339(expires)})
+    error = None
+    if row["status"] == JobStatus.FAILED:
+        error = {"code": row["error_code"] or "internal_error", "message": row["error_message"] or ""}
+    line = {
+        "index": row["batch_index"],
+        "job_id": row["id"],
+        "status": row["status"],
+        "terminal": JobStatus(row["status"]) in TERMINAL,
+        "prompt": row["request"].get("prompt"),
+        "seed": row["request"].get("seed"),
+        "metadata": row["metadata"],
+        "error": error,
+        "outputs": outputs,
+    }
+    return json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n"
+

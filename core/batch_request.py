@@ -1,0 +1,120 @@
+"""A bulk submission as the API receives it: JSON (``defaults`` + ``jobs``) or NDJSON (one job a line), checked
+whole. One bad job refuses the batch, and the refusal lists every bad job by index, so a client fixes them all
+in one round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from core.schemas import JobRequest, error_details, metadata_problem
+
+JSON_TYPES = ("application/json",)
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/jsonlines")
+_TOP_LEVEL = {"defaults", "jobs", "metadata", "webhook_url"}
+MAX_DETAILS = 1000  # problems listed in one refusal; the message says how many there were
+
+
+@dataclass(frozen=True)
+class BatchSubmission:
+    """A checked batch: each job's request with the batch defaults applied, and the batch's own metadata."""
+
+    jobs: list[JobRequest]
+    metadata: dict[str, Any]
+
+
+def parse_batch(body: bytes, content_type: str, *, max_jobs: int) -> BatchSubmission:
+    """Parse and check a batch body; BadRequest for a body that is not JSON / NDJSON, PayloadTooLarge past
+    ``max_jobs``, ValidationFailed listing every bad job (``index``, ``field``, ``message``)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in NDJSON_TYPES:
+        defaults: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
+        items = _ndjson_lines(body)
+    elif media in JSON_TYPES or not media:
+        defaults, items, metadata = _json_body(body)
+    else:
+        raise UnsupportedMediaType(
+            "send the batch as application/json or application/x-ndjson",
+            [{"field": "Content-Type", "message": f"unsupported content type {media!r}"}],
+        )
+    if not items:
+        raise ValidationFailed("a batch needs at least one job", [{"field": "jobs", "message": "must not be empty"}])
+    if len(items) > max_jobs:
+        raise PayloadTooLarge(
+            f"a batch holds at most {max_jobs} jobs, this one has {len(items)}",
+            [{"field": "jobs", "message": f"at most {max_jobs} jobs"}],
+        )
+    return BatchSubmission(_checked_jobs(defaults, items), metadata)
+
+
+def _json_body(body: bytes) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+    """``defaults``, ``jobs`` and ``metadata`` of a JSON batch body."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed("a JSON batch is an object", [{"field": "body", "message": "must be an object"}])
+    problems = [{"field": key, "message": "unknown field"} for key in data if key not in _TOP_LEVEL]
+    defaults, items, metadata = data.get("defaults", {}), data.get("jobs"), data.get("metadata", {})
+    if not isinstance(defaults, dict):
+        problems.append({"field": "defaults", "message": "must be an object"})
+    if not isinstance(items, list):
+        problems.append({"field": "jobs", "message": "must be a list of job requests"})
+    if not isinstance(metadata, dict):
+        problems.append({"field": "metadata", "message": "must be an object"})
+    elif (problem := metadata_problem(metadata)) is not None:
+        problems.append({"field": "metadata", "message": problem})
+    if data.get("webhook_url") is not None:
+        problems.append({"field": "webhook_url", "message": "webhooks are not served yet; poll the batch"})
+    if problems:
+        raise ValidationFailed(_summary(problems), problems)
+    return defaults, items, metadata  # type: ignore[return-value]
+
+
+def _ndjson_lines(body: bytes) -> list[Any]:
+    """One JSON value per non-blank line; BadRequest naming every line that is not JSON."""
+    items: list[Any] = []
+    bad: list[dict[str, Any]] = []
+    for number, line in enumerate(body.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except (ValueError, UnicodeDecodeError):
+            bad.append({"index": len(items) + len(bad), "field": "body", "message": f"line {number + 1} is not JSON"})
+    if bad:
+        raise BadRequest(f"{len(bad)} line(s) of the body are not valid JSON", bad[:MAX_DETAILS])
+    return items
+
+
+def _checked_jobs(defaults: dict[str, Any], items: list[Any]) -> list[JobRequest]:
+    """Each job as a request, the defaults under it; every problem of every job, by index."""
+    jobs: list[JobRequest] = []
+    problems: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems.append({"index": index, "field": "body", "message": "a job must be an object"})
+            continue
+        try:
+            jobs.append(JobRequest.model_validate({**defaults, **item} if defaults else item))
+        except ValidationError as exc:
+            problems.extend(error_details(exc, index=index))
+    if problems:
+        raise ValidationFailed(_summary(problems), problems[:MAX_DETAILS])
+    return jobs
+
+
+def _summary(problems: list[dict[str, Any]]) -> str:
+    """One sentence naming how many jobs (or fields) are bad."""
+    indexes = sorted({p["index"] for p in problems if "index" in p})
+    if not indexes:
+        return "invalid batch: " + ", ".join(p["field"] for p in problems)
+    shown = ", ".join(str(i) for i in indexes[:20]) + (", ..." if len(indexes) > 20 else "")
+    return f"invalid batch: {len(indexes)} job(s) refused (index {shown}); nothing was created"
