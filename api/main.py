@@ -18,6 +18,7 @@ from api.auth import KeyCache
 from api.multipart import MULTIPART_OVERHEAD
 from api.resources import Resources
 from api.routes import batches, health, jobs, uploads
+from api.routes.gallery import router as gallery_router
 from api.submit import GroupCommitter
 from core import storage
 from core.db import make_async_engine, make_engine
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(batches.router)
+    app.include_router(gallery_router)
     app.include_router(uploads.router)
     # Uploads carry images up to 20 MiB (their route streams with its own hard cap); JSON bodies stay small.
     upload_limit = MAX_IMAGE_BYTES + MULTIPART_OVERHEAD
