@@ -27,6 +27,7 @@ from core.batch_request import BatchSubmission
 from core.image_refs import check_batch_refs
 from core.job_object import rfc3339
 from core.models import batches, jobs
+from core.reuse import model_identity, reuse_earlier
 from core.status import TERMINAL, JobStatus
 from core.submission import build_job_row
 from core.transition import transition
@@ -48,6 +49,7 @@ _COPY_COLUMNS = (
     "request",
     "metadata",
     "max_attempts",
+    "reuse_key",
     "dispatched_at",
 )
 
@@ -72,6 +74,7 @@ async def create_batch(
             max_attempts=res.settings.max_attempts,
             batch_id=batch_id,
             batch_index=index,
+            model=model_identity(res.settings, req.kind, req.mode),
         )
         for index, req in enumerate(submission.jobs)
     ]
@@ -108,14 +111,18 @@ async def create_batch(
             await conn.rollback()
             raise errors.Conflict("a batch with this Idempotency-Key is being created; retry shortly") from None
         await _copy_jobs(conn, rows, now)
+        reused: set[str] = set()
+        if any(row["reuse_key"] is not None for row in rows):
+            found = await conn.execute(reuse_earlier(tenant_id, where=[jobs.c.batch_id == batch_id]))
+            reused = {job_id for (job_id,) in found}
         await conn.commit()
     # Published after the commit, in the background: the 202 does not wait for Redis, and a failed publish
-    # leaves the rows to the sweeper (the outbox), exactly as for single jobs.
-    pairs = [(row["id"], row["queue"]) for row in rows]
+    # leaves the rows to the sweeper (the outbox), exactly as for single jobs. Reused jobs are done already.
+    pairs = [(row["id"], row["queue"]) for row in rows if row["id"] not in reused]
     task = asyncio.create_task(_publish(res, pairs), name=f"publish-{batch_id}")
     res.background.add(task)
     task.add_done_callback(res.background.discard)
-    counts = {"queued": len(rows)}
+    counts = {"queued": len(rows) - len(reused), "succeeded": len(reused)}
     return batch_object(res, batch, counts, finished_at=None), True
 
 
@@ -141,6 +148,7 @@ async def _copy_jobs(conn: AsyncConnection, rows: list[dict[str, Any]], now: dat
                     json.dumps(row["request"], separators=(",", ":"), ensure_ascii=False),
                     json.dumps(row["metadata"], separators=(",", ":"), ensure_ascii=False),
                     row["max_attempts"],
+                    row["reuse_key"],
                     now,
                 )
             )

@@ -23,6 +23,7 @@ from core import errors, queue
 from core.job_object import job_object
 from core.models import jobs
 from core.retry import is_transient
+from core.reuse import model_identity, reuse_earlier
 from core.schemas import JobRequest
 from core.submission import build_job_row, request_hash
 
@@ -115,9 +116,13 @@ async def submit_job(
 ) -> tuple[dict[str, Any], bool]:
     """Create a job (or find the one its idempotency key made); returns the job object and whether it is new."""
     row = build_job_row(
-        req, tenant_id=tenant_id, max_attempts=res.settings.max_attempts, idempotency_key=idempotency_key
+        req,
+        tenant_id=tenant_id,
+        max_attempts=res.settings.max_attempts,
+        idempotency_key=idempotency_key,
+        model=model_identity(res.settings, req.kind, req.mode),
     )
-    if idempotency_key is None and res.settings.group_commit:
+    if idempotency_key is None and res.settings.group_commit and row["reuse_key"] is None:
         return await res.submitter.submit(row), True
     async with res.db.connect() as conn:
         existing = None
@@ -140,10 +145,16 @@ async def submit_job(
             await conn.rollback()
             return view, False
         created = (await conn.execute(insert(jobs).values(**row).returning(jobs))).mappings().one()
+        reused = row["reuse_key"] is not None and bool(
+            (await conn.execute(reuse_earlier(tenant_id, where=[jobs.c.id == created["id"]]))).first()
+        )
+        if reused:  # an identical earlier job succeeded: this one is done already, nothing to publish
+            created = (await conn.execute(select(jobs).where(jobs.c.id == created["id"]))).mappings().one()
         # Rendered inside the transaction: once it commits, nothing can fail the answer but the network.
         view = await render(conn, res, created)
         await conn.commit()
-    await dispatch(res, [(created["id"], created["queue"])])
+    if not reused:
+        await dispatch(res, [(created["id"], created["queue"])])
     return view, True
 
 

@@ -52,4 +52,5 @@ def job_object(
         "started_at": rfc3339(row["started_at"]),
         "finished_at": rfc3339(row["finished_at"]),
         "metadata": row["metadata"],
+        "reused_from": row["reused_from"],
     }

@@ -112,6 +112,9 @@ class JobRequest(_Strict):
     loras: list[LoraRef] = Field(
         default_factory=list, max_length=3, description="Refused when non-empty until adapters are served."
     )
+    reuse: bool = Field(
+        False, description="Return the outputs of an identical earlier succeeded job of this tenant (seed required)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -277,6 +280,7 @@ class JobObject(BaseModel):
     started_at: str | None
     finished_at: str | None
     metadata: dict[str, Any]
+    reused_from: str | None = None  # the earlier job whose outputs these are, for a reused job
 
 
 class JobPage(BaseModel):

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # A hub id or a local path; the default is the tiny random-weight checkpoint that `make demo` builds.
     turbo_model: str = "checkpoints/tiny/turbo"
     edit_model: str | None = None
+    # A label for the revision of the weights behind the model names (a hub revision, a checkpoint date): part of
+    # the result-reuse key, so change it when the weights behind a name change.
+    model_revision: str | None = None
     device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     warmup: bool = True

@@ -33,8 +33,9 @@ HELD = JobStatus.RUNNING
 # from-status -> the statuses it may move to. Anything not listed is refused. `core.transition` builds every
 # status write from this table.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    # running: a worker claims it; canceled: by the client; failed: refused before it could run.
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
+    # running: a worker claims it; canceled: by the client; failed: refused before it could run;
+    # succeeded: an identical earlier result was reused (core.reuse), nothing ran.
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED, JobStatus.SUCCEEDED}),
     # running -> running: its holder reports progress and renews the lease; queued: given back or lease lost.
     JobStatus.RUNNING: frozenset(
         {JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}

@@ -9,6 +9,7 @@ from typing import Any
 
 from core import ids
 from core.queue import queue_for
+from core.reuse import reuse_key
 from core.schemas import MAX_SEED, JobRequest
 from core.work import image_tokens
 
@@ -48,10 +49,15 @@ def build_job_row(
     idempotency_key: str | None = None,
     batch_id: str | None = None,
     batch_index: int | None = None,
+    model: str = "",
 ) -> dict[str, Any]:
-    """The ``jobs`` row for a request: a new id, the seed chosen when the client left it out, routing keys."""
+    """The ``jobs`` row for a request: a new id, the seed chosen when the client left it out, routing keys.
+
+    ``model`` (``core.reuse.model_identity``) names the weights that will run it: a job that opted into reuse
+    gets its reuse key from it."""
     normalized = req.normalized()
     digest = request_hash(normalized)
+    reuse = reuse_key(normalized, model) if req.reuse else None
     if normalized["seed"] is None:
         # Leave room for seed + num_images - 1 within the allowed range.
         normalized["seed"] = secrets.randbelow(MAX_SEED - 8)
@@ -70,4 +76,5 @@ def build_job_row(
         "max_attempts": max_attempts,
         "idempotency_key": idempotency_key,
         "request_hash": digest if idempotency_key is not None else None,
+        "reuse_key": reuse,
     }

@@ -440,6 +440,7 @@ def test_normalized_generate_has_every_default_and_no_edit_fields() -> None:
         "webhook_url": None,
         "metadata": {},
         "loras": [],
+        "reuse": False,
     }
 
 
