@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Float, case, func, literal, literal_column, select, text
 
+from core import fair_share
 from core.models import jobs
 from core.status import ErrorCode, JobStatus
 from core.transition import transition
@@ -38,28 +39,60 @@ class ClaimedJob:
         return tuple(self.request["seed"] + i for i in range(self.request["num_images"]))
 
 
-# The head of the queue decides the group; then as many queued jobs of that group as fit the image and
-# token budgets, highest priority first, then oldest (a retried job alone). Rows locked by another claimer
-# are skipped, never waited for. (Window functions cannot take FOR UPDATE, hence the locked candidates first.)
-# The chosen rows stay locked until the claim's transition below commits.
+# Fair share (``core.fair_share``) ranks the tenants with queued jobs (``:tenants``, first served first). The
+# first of them with a job not locked by another claimer gives the head (its highest priority, then oldest job),
+# which decides the group; then as many queued jobs of that group as fit the image and token budgets, the head's
+# tenant's first, then the other tenants' in rank order, each tenant's in priority and age order (a retried
+# job alone). Each tenant's jobs are read from its own index range, so a tenant's 10 000 queued jobs cost a
+# claim nothing when another is served. Rows locked by another claimer are skipped, never waited for. (Window
+# functions cannot take FOR UPDATE, hence the locked candidates first.) The chosen rows stay locked until the
+# claim's transition below commits.
 _CHOOSE = text(
     f"""
-WITH head AS (
-    SELECT id, group_key, attempt FROM jobs
-    WHERE status = '{JobStatus.QUEUED}' AND queue = :queue AND (attempt = 0 OR NOT :fresh_only)
-    ORDER BY priority DESC, created_at
+WITH ranked AS (
+    SELECT tenant_id, rank FROM unnest(CAST(:tenants AS text[])) WITH ORDINALITY AS r(tenant_id, rank)
+), head AS (
+    SELECT h.id, h.group_key, h.attempt, h.tenant_id
+    FROM (SELECT tenant_id, rank FROM ranked ORDER BY rank) r
+    CROSS JOIN LATERAL (
+        SELECT id, group_key, attempt, tenant_id FROM jobs
+        WHERE status = '{JobStatus.QUEUED}' AND queue = :queue AND tenant_id = r.tenant_id
+          AND (attempt = 0 OR NOT :fresh_only)
+        ORDER BY priority DESC, created_at
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) h
+    ORDER BY r.rank
     LIMIT 1
-    FOR UPDATE SKIP LOCKED
+), fill AS (
+    SELECT j.id, j.cost_tokens, j.priority, j.created_at, j.request, j.images, r.fill
+    FROM (
+        SELECT tenant_id, CASE WHEN tenant_id = (SELECT tenant_id FROM head) THEN 0 ELSE rank END AS fill
+        FROM ranked
+        -- A job that already lost a worker runs alone: a poison job must not burn its batch-mates' attempts.
+        WHERE (SELECT attempt FROM head) = 0
+        ORDER BY fill
+    ) r
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.cost_tokens, j.priority, j.created_at, j.request,
+               (j.request->>'num_images')::int AS images
+        FROM jobs j
+        WHERE j.status = '{JobStatus.QUEUED}' AND j.queue = :queue AND j.tenant_id = r.tenant_id
+          AND j.group_key = (SELECT group_key FROM head) AND j.attempt = 0 AND j.id <> (SELECT id FROM head)
+        ORDER BY j.priority DESC, j.created_at
+        LIMIT :max_images
+        FOR UPDATE OF j SKIP LOCKED
+    ) j
+    -- Tenant by tenant, each in its own order: a tenant's jobs are read (and locked) only while the batch
+    -- still has room for them.
+    ORDER BY r.fill
+    LIMIT :max_images
 ), cand AS (
     SELECT j.id, j.cost_tokens, j.priority, j.created_at, j.request,
-           (j.request->>'num_images')::int AS images
-    FROM jobs j JOIN head ON j.group_key = head.group_key
-    WHERE j.status = '{JobStatus.QUEUED}' AND j.queue = :queue
-      -- A job that already lost a worker runs alone: a poison job must not burn its batch-mates' attempts.
-      AND (j.id = head.id OR (head.attempt = 0 AND j.attempt = 0))
-    ORDER BY j.priority DESC, j.created_at
-    LIMIT :max_images
-    FOR UPDATE OF j SKIP LOCKED
+           (j.request->>'num_images')::int AS images, 0 AS fill
+    FROM jobs j JOIN head ON j.id = head.id
+    UNION ALL
+    SELECT * FROM fill
 )
 SELECT id, request FROM (
     SELECT id, request,
@@ -67,7 +100,7 @@ SELECT id, request FROM (
            sum(cost_tokens) OVER w AS tokens,
            sum(images) OVER w AS images
     FROM cand
-    WINDOW w AS (ORDER BY priority DESC, created_at, id)
+    WINDOW w AS (ORDER BY fill, priority DESC, created_at, id)
 ) c
 WHERE rn = 1 OR (tokens <= :token_budget AND images <= :max_images)
 """
@@ -82,6 +115,7 @@ _CLAIMED = (
     jobs.c.request,
     jobs.c.created_at,
     jobs.c.priority,
+    jobs.c.cost_tokens,
 )
 
 
@@ -95,15 +129,22 @@ def claim_batch(
     token_budget: int,
     fresh_only: bool = False,
 ) -> list[ClaimedJob]:
-    """Claim the next batch of compatible queued jobs of ``queue`` (may be empty); commits.
+    """Claim the next batch of compatible queued jobs of ``queue`` (may be empty) and advance the clocks of the
+    tenants it serves (``core.fair_share``), in one transaction; commits.
 
     ``fresh_only`` skips jobs that already lost a worker (a claim made ahead of time, while another batch runs,
     must not put them at risk again should that batch crash the worker).
     """
-    chosen = conn.execute(
-        _CHOOSE,
-        {"queue": queue, "max_images": max_images, "token_budget": token_budget, "fresh_only": fresh_only},
-    ).all()
+    clocks = fair_share.queued_tenants(conn, queue, fresh_only=fresh_only)
+    order = fair_share.service_order(clocks)
+    params = {
+        "queue": queue,
+        "tenants": order,
+        "max_images": max_images,
+        "token_budget": token_budget,
+        "fresh_only": fresh_only,
+    }
+    chosen = conn.execute(_CHOOSE, params).all() if order else []
     if not chosen:
         conn.rollback()
         return []
@@ -121,6 +162,10 @@ def claim_batch(
         },
     )
     rows = conn.execute(claim.returning(*_CLAIMED)).mappings().all()
+    served: dict[str, int] = {}
+    for r in rows:
+        served[r["tenant_id"]] = served.get(r["tenant_id"], 0) + r["cost_tokens"]
+    fair_share.advance(conn, served, clocks, token_budget=token_budget)
     conn.commit()
     rows = sorted(rows, key=lambda r: (-r["priority"], r["created_at"], r["id"]))
     return [

@@ -179,6 +179,15 @@ class Job(Base):
             "created_at",
             postgresql_where=text("status = 'queued'"),
         ),
+        # The fair-share claim: the tenants with queued jobs in a queue, each one's jobs in claim order.
+        Index(
+            "ix_jobs_claim_tenant",
+            "queue",
+            "tenant_id",
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("status = 'queued'"),
+        ),
         # The sweeper: expired leases, and committed rows never published.
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
         Index(
