@@ -1,8 +1,10 @@
-"""``zimage-admin``: operator commands (migrate the database, create and revoke API keys)."""
+"""``zimage-admin``: operator commands (migrate the database, create and revoke API keys, set a tenant's
+fair-share weight)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -67,6 +69,20 @@ def revoke_key(settings: Settings, key: str) -> bool:
         engine.dispose()
 
 
+def set_weight(settings: Settings, tenant_name: str, weight: float) -> bool:
+    """Set a tenant's fair-share weight (its share of the accelerators relative to other tenants); False when
+    there is no such tenant. A weight that is not a finite number above 0 is a ``ValueError``."""
+    if not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"a weight must be a number above 0, not {weight}")
+    engine = make_engine(settings, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(update(tenants).where(tenants.c.name == tenant_name).values(weight=weight))
+            return result.rowcount > 0
+    finally:
+        engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zimage-admin`` console script."""
     parser = argparse.ArgumentParser(prog="zimage-admin", description=__doc__)
@@ -76,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ck.add_argument("--tenant", required=True)
     rk = sub.add_parser("revoke-key", help="revoke an API key")
     rk.add_argument("key")
+    sw = sub.add_parser("set-weight", help="set a tenant's fair-share weight (above 0; default 1)")
+    sw.add_argument("--tenant", required=True)
+    sw.add_argument("weight", type=float)
     args = parser.parse_args(argv)
     settings = Settings()
     if args.command == "migrate":
@@ -86,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "revoke-key" and not revoke_key(settings, args.key):
         print("no such active key", file=sys.stderr)
         return 1
+    elif args.command == "set-weight":
+        try:
+            if not set_weight(settings, args.tenant, args.weight):
+                print(f"no such tenant: {args.tenant}", file=sys.stderr)
+                return 1
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     return 0
 
 

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select, text
 
-from core import lifecycle
+from core import admin, lifecycle
 from core.ids import tenant_id as new_tenant_id
 from core.lifecycle import ClaimedJob
 from core.models import jobs, tenants
 from core.schemas import JobRequest
+from core.settings import Settings
 from core.submission import build_job_row
 
 IMAGE_TOKENS = 256  # a 256x256 image: (256/16) ** 2
@@ -152,3 +153,25 @@ def test_a_job_that_lost_a_worker_runs_alone_and_not_in_a_claim_ahead(db: Engine
     assert [(j.id, j.attempt) for j in claim(db, queue)] == [(retried, 2)]
     queue, _, fresh = retried_and_fresh()
     assert sorted(j.id for j in claim(db, queue, fresh_only=True)) == sorted(fresh)
+
+
+def test_zimage_admin_sets_a_weight_above_zero_only(
+    db: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ZIMAGE_DATABASE_URL", settings.database_url)
+    tenant = a_tenant(db)
+    with db.connect() as conn:
+        name = conn.execute(select(tenants.c.name).where(tenants.c.id == tenant)).scalar_one()
+
+    def weight() -> float:
+        with db.connect() as conn:
+            return float(conn.execute(select(tenants.c.weight).where(tenants.c.id == tenant)).scalar_one())
+
+    assert admin.main(["set-weight", "--tenant", name, "2.5"]) == 0
+    assert weight() == 2.5
+    for bad in ("0", "-1", "nan", "inf"):
+        assert admin.main(["set-weight", "--tenant", name, bad]) == 2
+        assert "above 0" in capsys.readouterr().err
+    assert weight() == 2.5
+    assert admin.main(["set-weight", "--tenant", f"{name}-missing", "2"]) == 1
+    assert "no such tenant" in capsys.readouterr().err
