@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
+from api.batches import batch_object
 from api.resources import Resources
 from core import errors
 from core.job_object import job_object
@@ -41,7 +42,7 @@ class GalleryPage:
     """One page of a batch: the batch, how many of its jobs are in each status, and this page's tiles."""
 
     batch_id: str
-    batch_status: str
+    batch_status: str  # as the batch object says it: running, completed or canceled
     metadata: dict[str, Any]
     counts: dict[str, int]
     page: int
@@ -92,13 +93,7 @@ async def read_gallery_page(res: Resources, *, tenant_id: str, batch_id: str, pa
     page past the last."""
     async with res.db.connect() as conn:
         batch = (
-            (
-                await conn.execute(
-                    select(batches.c.id, batches.c.status, batches.c.metadata).where(
-                        batches.c.id == batch_id, batches.c.tenant_id == tenant_id
-                    )
-                )
-            )
+            (await conn.execute(select(batches).where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id)))
             .mappings()
             .first()
         )
@@ -126,7 +121,8 @@ async def read_gallery_page(res: Resources, *, tenant_id: str, batch_id: str, pa
         )
     return GalleryPage(
         batch_id=batch["id"],
-        batch_status=batch["status"],
+        # The batch object's status rule, derived from the counts (the row's own status column lags behind).
+        batch_status=batch_object(res, batch, counts, finished_at=None)["status"],
         metadata=batch["metadata"] or {},
         counts={s: counts[s] for s in STATUS_ORDER if counts.get(s)},
         page=page,

@@ -169,7 +169,7 @@ def test_an_api_key_opens_the_gallery(client: TestClient, mixed: tuple[Batch, by
     assert "<strong>running</strong><small>step 3 of 8</small>" in page
     assert "<strong>queued</strong>" in page and "<strong>canceled</strong>" in page
     assert "<strong>failed</strong><small>out_of_memory: one image does not fit &lt;the card&gt;</small>" in page
-    assert "1 succeeded" in page and "2 queued" in page and "6 jobs" in page
+    assert "running · 6 jobs: 2 queued, 1 running, 1 succeeded, 1 failed, 1 canceled" in page
 
 
 def test_a_signed_link_opens_the_gallery_without_a_key(
@@ -340,6 +340,7 @@ def test_the_page_refreshes_only_while_jobs_are_queued_or_running(
     page = client.get(path, headers=auth(batch.key)).text
     assert not refresh.search(page) and "http-equiv" not in page
     assert "Every job of this batch has finished." in page
+    assert "completed · 6 jobs" in page  # the batch object's status, not the row's column
 
 
 def test_an_empty_batch_has_one_empty_page(client: TestClient, make_batch: Callable[..., Batch]) -> None:
