@@ -26,6 +26,7 @@ from core import errors, ids
 from core.batch_request import BatchSubmission
 from core.image_refs import check_batch_refs
 from core.job_object import rfc3339
+from core.links import gallery_url
 from core.models import batches, jobs
 from core.reuse import model_identity, reuse_earlier
 from core.status import TERMINAL, JobStatus
@@ -218,6 +219,8 @@ def batch_object(
         "created_at": rfc3339(row["created_at"]),
         "finished_at": rfc3339(finished_at) if not active and finished_at is not None else None,
         "metadata": row["metadata"],
+        # A fresh signed link a browser can open without the API key (short-lived; see core/links.py).
+        "gallery_url": gallery_url(res.settings, row["tenant_id"], row["id"]),
     }
 
 

@@ -1,9 +1,10 @@
-"""``ZImageClient``: submit jobs, poll them to a terminal status, download their images (httpx, sync)."""
+"""``ZImageClient``: submit jobs and batches, poll them to the end, read manifests, download images (httpx, sync)."""
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -88,6 +89,48 @@ class ZImageClient:
             if pending:
                 time.sleep(poll_s)
         return done
+
+    def submit_batch(
+        self,
+        jobs: Sequence[dict[str, Any]],
+        *,
+        defaults: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """POST /v1/batches (all or nothing); the batch object."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = {"defaults": defaults or {}, "jobs": list(jobs), "metadata": metadata or {}}
+        return self._json(self._http.post("/v1/batches", json=body, headers=headers))
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """GET /v1/batches/{id}: the batch with its counts."""
+        return self._json(self._http.get(f"/v1/batches/{batch_id}"))
+
+    def wait_batch(
+        self, batch_id: str, *, timeout_s: float = 900.0, poll_s: float = 0.5, on_update: Any = None
+    ) -> dict[str, Any]:
+        """Poll until the batch is no longer running (or raise TimeoutError); ``on_update(batch)`` each round."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            batch = self.get_batch(batch_id)
+            if on_update is not None:
+                on_update(batch)
+            if batch["status"] != "running":
+                return batch
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} still running after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+    def iter_manifest(self, batch_id: str) -> Iterator[dict[str, Any]]:
+        """GET /v1/batches/{id}/manifest, one job at a time as it streams."""
+        with self._http.stream("GET", f"/v1/batches/{batch_id}/manifest") as response:
+            if response.status_code >= 400:
+                response.read()
+                self._json(response)
+            for line in response.iter_lines():
+                if line:
+                    yield json.loads(line)
 
     def download(self, output: dict[str, Any]) -> bytes:
         """The bytes of one output image, through its presigned URL."""

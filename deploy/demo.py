@@ -1,12 +1,15 @@
-"""``make demo``: start the stack on the embedded defaults, submit a mixed batch of English and Chinese prompts,
-show progress, download every image into ``demo-output/`` with an ``index.html`` gallery, print a summary, and
-stop everything it started (also on Ctrl-C).
+"""``make demo``: start the stack on the embedded defaults, submit English and Chinese prompts as one batch,
+follow its counts to the end, save its manifest and download every image (checked against its sha256) into
+``demo-output/`` with an offline ``index.html``, edit the first image in every mode, print a summary and the
+gallery link, and stop everything it started (also on Ctrl-C).
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
+import json
 import shutil
 import signal
 import socket
@@ -65,18 +68,6 @@ def _port(preferred: int) -> int:
                 continue
             return int(s.getsockname()[1])
     raise RuntimeError("no free port")
-
-
-def _progress_line(jobs: dict[str, dict[str, Any]], total: int) -> str:
-    counts: dict[str, int] = {}
-    steps = []
-    for job in jobs.values():
-        counts[job["status"]] = counts.get(job["status"], 0) + 1
-        if job["status"] == "running" and job["progress"]:
-            steps.append(f"{job['progress']['step']}/{job['progress']['total']}")
-    done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "canceled"))
-    running = f" running {counts.get('running', 0)} (steps {' '.join(steps)})" if steps else ""
-    return f"  [{done:>2}/{total}] queued {counts.get('queued', 0):>2}{running}"
 
 
 def _edits(client: ZImageClient, source_job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -139,68 +130,82 @@ def run() -> int:
         print(f"stack ready in {time.monotonic() - started:.1f} s; logs in {run_dir / 'logs'}")
         key = create_key(settings, "demo")
         with ZImageClient(stack.api_url, key) as client:
-            return _submit_and_collect(client)
+            return _submit_and_collect(client, stack.api_url)
     finally:
         print("stopping the stack ...")
         stack.stop()
         print("stopped.")
 
 
-def _submit_and_collect(client: ZImageClient) -> int:
+def _submit_and_collect(client: ZImageClient, api_url: str) -> int:
     t0 = time.monotonic()
-    jobs = [
-        client.submit({"prompt": p, "width": w, "height": h, "seed": 1000 + i, "metadata": {"demo_index": i}})
-        for i, (p, w, h) in enumerate(PROMPTS)
-    ]
-    print(f"submitted {len(jobs)} jobs in {time.monotonic() - t0:.2f} s")
+    batch = client.submit_batch(
+        [{"prompt": p, "width": w, "height": h, "seed": 1000 + i, "metadata": {"demo_index": i}}
+         for i, (p, w, h) in enumerate(PROMPTS)],
+        metadata={"demo": "make demo"},
+    )  # fmt: skip
+    print(f"submitted {batch['counts']['total']} jobs as one batch ({batch['id']}) in {time.monotonic() - t0:.2f} s")
+    print(f"  live gallery while the demo runs: {api_url}{batch['gallery_url']}")
     last = [""]
 
-    def show(current: dict[str, dict[str, Any]]) -> None:
-        line = _progress_line(current, len(current))
+    def show(current: dict[str, Any]) -> None:
+        c = current["counts"]
+        line = (f"  [{c['succeeded'] + c['failed'] + c['canceled']:>2}/{c['total']}] queued {c['queued']:>2}"
+                f" running {c['running']} succeeded {c['succeeded']} failed {c['failed']}")  # fmt: skip
         if line != last[0]:
             print(line, flush=True)
             last[0] = line
 
-    finished = client.wait([j["id"] for j in jobs], timeout_s=900, on_update=show)
+    done = client.wait_batch(batch["id"], timeout_s=900, poll_s=0.25, on_update=show)
     wall = time.monotonic() - t0
-    edits = _edits(client, finished[jobs[0]["id"]])
-    if edits:
-        print(f"editing the first image: {', '.join(e['request']['mode'] for e in edits)}")
-        finished.update(client.wait([e["id"] for e in edits], timeout_s=900, on_update=show))
-        jobs += edits
 
     shutil.rmtree(OUT, ignore_errors=True)  # the demo's own folder: this run's images only
     OUT.mkdir()
+    manifest = list(client.iter_manifest(batch["id"]))
+    (OUT / "manifest.ndjson").write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in manifest))
+    first_job = client.get(manifest[0]["job_id"])
+    edits = _edits(client, first_job)
+    finished: dict[str, dict[str, Any]] = {}
+    if edits:
+        print(f"editing the first image: {', '.join(e['request']['mode'] for e in edits)}")
+        finished.update(client.wait([e["id"] for e in edits], timeout_s=900))
+
     entries, latencies, images = [], [], 0
+    jobs = [client.get(line["job_id"]) for line in manifest] + [finished[e["id"]] for e in edits]
     for job in jobs:
-        done = finished[job["id"]]
-        req = done["request"]
+        req = job["request"]
         entry = {
             "prompt": (f"[{req['mode']}] " if req.get("mode") else "") + req["prompt"],
             "width": req["width"],
             "height": req["height"],
             "seed": req["seed"],
-            "status": done["status"],
-            "latency_ms": done["timings"].get("total_ms"),
+            "status": job["status"],
+            "latency_ms": job["timings"].get("total_ms"),
         }
-        for out in done["outputs"]:
+        for out in job["outputs"]:
+            data = client.download(out)
+            if hashlib.sha256(data).hexdigest() != out["sha256"]:
+                raise RuntimeError(f"{job['id']}: downloaded image does not match its sha256")
             name = f"{job['id']}-{out['index']}.{out['key'].rsplit('.', 1)[1]}"
-            (OUT / name).write_bytes(client.download(out))
+            (OUT / name).write_bytes(data)
             entry["file"] = name
             images += req["kind"] == "generate"
-        if done["status"] == "succeeded":
-            latencies.append(done["timings"]["total_ms"])
+        if job["status"] == "succeeded":
+            latencies.append(job["timings"]["total_ms"])
         entries.append(entry)
     (OUT / "index.html").write_text(_gallery(entries), encoding="utf-8")
 
     ok = sum(1 for e in entries if e["status"] == "succeeded")
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
     print("\nsummary")
-    print(f"  jobs        {len(jobs)} submitted, {ok} succeeded, {len(jobs) - ok} not")
-    print(f"  images      {images} in {wall:.1f} s = {images / wall:.2f} images/s")
+    print(f"  batch       {done['id']}: {done['status']}, {done['counts']['succeeded']} of {done['counts']['total']}"
+          " succeeded")  # fmt: skip
+    print(f"  jobs        {len(jobs)} in all (edits included), {ok} succeeded, {len(jobs) - ok} not")
+    print(f"  images      {images} in {wall:.1f} s = {images / wall:.2f} images/s (batch submit to last image)")
     if latencies:
         print(f"  latency     p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms (submit → succeeded)")
-    print(f"  gallery     {OUT / 'index.html'}")
+    print(f"  manifest    {OUT / 'manifest.ndjson'} (one line per job: status, seed, sha256, outputs)")
+    print(f"  gallery     {OUT / 'index.html'} (offline copy; the live one stops with the stack)")
     return 0 if ok == len(jobs) else 1
 
 

@@ -63,6 +63,7 @@ class BatchObject(BaseModel):
     created_at: str
     finished_at: str | None
     metadata: dict[str, Any]
+    gallery_url: str  # the batch's gallery with a short-lived signed token, for a browser
 
 
 @router.post("", status_code=202, response_model=BatchObject, responses=_ERRORS, openapi_extra=_BATCH_BODY)
