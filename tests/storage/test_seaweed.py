@@ -102,7 +102,7 @@ def test_two_servers_at_once_do_not_collide(tmp_path: Path) -> None:
             assert object_sha256(ca, a.bucket, "only-in-a") == digest
             with pytest.raises(StorageError) as info:
                 object_sha256(cb, b.bucket, "only-in-a")
-            assert info.value.code == "NoSuchKey"
+            assert info.value.s3_code == "NoSuchKey"
         finally:
             ca.close()
             cb.close()

@@ -181,7 +181,7 @@ def test_delete_keys_removes_exactly_those_keys_across_batches(settings: Setting
 def test_missing_object_is_a_permanent_error(settings: Settings, client: S3Client) -> None:
     with pytest.raises(StorageError) as info:
         object_sha256(client, settings.s3_bucket, _key("nothing"))
-    assert info.value.code == "NoSuchKey"
+    assert info.value.s3_code == "NoSuchKey"
     assert not info.value.transient
 
 
