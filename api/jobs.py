@@ -22,19 +22,21 @@ MAX_PAGE = 100
 
 
 async def queue_positions(conn: AsyncConnection, rows: Sequence[Any]) -> dict[str, int]:
-    """How many queued jobs of the same queue run before each queued row (0: it is next).
+    """How many of the tenant's own queued jobs of the same queue run before each queued row (0: next of its).
 
-    One count per (queue, priority) among ``rows``: the first row of each pair is counted against the table
-    (higher priority, or equal and older), and the pair's later rows follow it one by one. So rows of one
-    (queue, priority) must be neighbours in the queue, as a group commit's rows are (inserted together);
-    rows read one by one are passed one at a time.
+    Claims share the accelerators between tenants by virtual time (``core.fair_share``) and order each tenant's
+    jobs by priority then age, so a job's place is exact among its tenant's jobs; other tenants' work is
+    interleaved fairly, not ahead of it. One count per (tenant, queue, priority) among ``rows``: the first row
+    of each is counted against the table, and its later rows follow it one by one. So rows of one (tenant,
+    queue, priority) must be neighbours in that order, as a group commit's rows are (inserted together); rows
+    read one by one are passed one at a time.
     """
     order = sorted(
         (r for r in rows if r["status"] == JobStatus.QUEUED), key=lambda r: (-r["priority"], r["created_at"], r["id"])
     )
-    base: dict[tuple[str, int], int] = {}
+    base: dict[tuple[str, str, int], int] = {}
     for r in order:
-        key = (r["queue"], r["priority"])
+        key = (r["tenant_id"], r["queue"], r["priority"])
         if key in base:
             continue
         ahead = (
@@ -42,6 +44,7 @@ async def queue_positions(conn: AsyncConnection, rows: Sequence[Any]) -> dict[st
             .select_from(jobs)
             .where(
                 jobs.c.status == JobStatus.QUEUED.value,
+                jobs.c.tenant_id == r["tenant_id"],
                 jobs.c.queue == r["queue"],
                 or_(
                     jobs.c.priority > r["priority"],
@@ -53,10 +56,10 @@ async def queue_positions(conn: AsyncConnection, rows: Sequence[Any]) -> dict[st
             )
         )
         base[key] = int(await conn.scalar(ahead) or 0)
-    seen: Counter[tuple[str, int]] = Counter()
+    seen: Counter[tuple[str, str, int]] = Counter()
     positions = {}
     for r in order:
-        key = (r["queue"], r["priority"])
+        key = (r["tenant_id"], r["queue"], r["priority"])
         positions[r["id"]] = base[key] + seen[key]
         seen[key] += 1
     return positions

@@ -697,6 +697,16 @@ def test_queue_position_puts_higher_priority_first_then_oldest(client: TestClien
     assert get(client, key, a)["queue_position"] == pos[a] - 1  # one fewer job ahead
 
 
+def test_queue_position_counts_only_the_tenants_own_jobs(client: TestClient, key: str, new_key: Any) -> None:
+    # Claims share the accelerators between tenants fairly: another tenant's backlog is not ahead of this job.
+    for _ in range(3):
+        submit(client, key)
+    newcomer = new_key()
+    first = submit(client, newcomer)
+    assert first["queue_position"] == 0 and get(client, newcomer, first["id"])["queue_position"] == 0
+    assert submit(client, newcomer)["queue_position"] == 1
+
+
 # --- health, readiness, docs, error bodies ----------------------------------------------------------------
 
 
