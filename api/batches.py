@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,12 +24,13 @@ from api.jobs import list_jobs
 from api.resources import Resources
 from api.submit import dispatch
 from core import errors, ids
-from core.batch_request import BatchSubmission
+from core.batch_request import BatchSubmission, refusal
 from core.image_refs import check_batch_refs
 from core.job_object import rfc3339
 from core.links import gallery_url
 from core.models import batches, jobs
 from core.reuse import model_identity, reuse_earlier
+from core.schemas import JobRequest
 from core.status import TERMINAL, JobStatus
 from core.submission import build_job_row
 from core.transition import transition
@@ -36,7 +38,8 @@ from core.transition import transition
 log = logging.getLogger(__name__)
 
 PUBLISH_GROUP = 2000  # jobs per pipelined publish: bounded memory, few round trips
-MANIFEST_CHUNK = 500  # rows fetched (and presigned) per round trip while streaming a manifest
+MANIFEST_CHUNK = 500
+COPY_YIELD_ROWS = 256  # rows fetched (and presigned) per round trip while streaming a manifest
 _COPY_COLUMNS = (
     "id",
     "tenant_id",
@@ -64,31 +67,15 @@ async def create_batch(
     idempotency_key: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Commit a batch and every job of it in one transaction; its object, and whether it was created now (False:
-    the same ``idempotency_key`` with the same body answered before)."""
+    the same ``idempotency_key`` with the same body answered before). A bad job refuses the whole batch."""
     digest = hashlib.sha256(body).hexdigest()
     batch_id = ids.batch_id()
-    now = datetime.now(UTC)
-    rows = [
-        build_job_row(
-            req,
-            tenant_id=tenant_id,
-            max_attempts=res.settings.max_attempts,
-            batch_id=batch_id,
-            batch_index=index,
-            model=model_identity(res.settings, req.kind, req.mode),
-        )
-        for index, req in enumerate(submission.jobs)
-    ]
     async with res.db.connect() as conn:
         if idempotency_key is not None:
             earlier = await _for_key(conn, tenant_id, idempotency_key)
             if earlier is not None:
                 await conn.rollback()
                 return await _replay(conn, res, earlier, digest), False
-        if any(req.kind == "edit" for req in submission.jobs):
-            await check_batch_refs(
-                conn, tenant_id, submission.jobs, allow_hosts=res.settings.fetch_allow_hosts
-            )
         try:
             batch = (
                 (
@@ -97,7 +84,7 @@ async def create_batch(
                         .values(
                             id=batch_id,
                             tenant_id=tenant_id,
-                            total=len(rows),
+                            total=len(submission.items),
                             metadata=submission.metadata,
                             idempotency_key=idempotency_key,
                             request_hash=digest if idempotency_key is not None else None,
@@ -111,36 +98,81 @@ async def create_batch(
         except IntegrityError:  # the same key, committed a moment ago by a concurrent request
             await conn.rollback()
             raise errors.Conflict("a batch with this Idempotency-Key is being created; retry shortly") from None
-        await _copy_jobs(conn, rows, now)
+        try:
+            written = await _copy_jobs(conn, res, tenant_id, batch_id, submission)
+            if any(job.request.kind == "edit" for job in written):
+                await check_batch_refs(
+                    conn, tenant_id, [job.request for job in written], allow_hosts=res.settings.fetch_allow_hosts
+                )
+        except errors.ServiceError:
+            await conn.rollback()  # nothing of the batch stays
+            raise
         reused: set[str] = set()
-        if any(row["reuse_key"] is not None for row in rows):
+        if any(job.reuse_key is not None for job in written):
             found = await conn.execute(reuse_earlier(tenant_id, where=[jobs.c.batch_id == batch_id]))
             reused = {job_id for (job_id,) in found}
         await conn.commit()
     # Published after the commit, in the background: the 202 does not wait for Redis, and a failed publish
     # leaves the rows to the sweeper (the outbox), exactly as for single jobs. Reused jobs are done already.
-    pairs = [(row["id"], row["queue"]) for row in rows if row["id"] not in reused]
+    pairs = [(job.id, job.queue) for job in written if job.id not in reused]
     task = asyncio.create_task(_publish(res, pairs), name=f"publish-{batch_id}")
     res.background.add(task)
     task.add_done_callback(res.background.discard)
-    counts = {"queued": len(rows) - len(reused), "succeeded": len(reused)}
+    counts = {"queued": len(written) - len(reused), "succeeded": len(reused)}
     return batch_object(res, batch, counts, finished_at=None), True
 
 
-async def _copy_jobs(conn: AsyncConnection, rows: list[dict[str, Any]], now: datetime) -> None:
-    """COPY the job rows in (about 10x faster than a multi-row INSERT for thousands of rows)."""
+@dataclass(frozen=True)
+class _Written:
+    """What is kept of each job row once it is in the COPY stream."""
+
+    id: str
+    queue: str
+    reuse_key: str | None
+    request: JobRequest
+
+
+async def _copy_jobs(
+    conn: AsyncConnection, res: Resources, tenant_id: str, batch_id: str, submission: BatchSubmission
+) -> list[_Written]:
+    """Check each job and COPY its row in (about 10x faster than a multi-row INSERT for thousands of rows).
+
+    The rows stream to Postgres while the next jobs are checked, so validation and storage overlap (two
+    processes, two cores). Past the first bad job nothing more is written but every job is still checked, and
+    the refusal names them all; the caller's rollback then drops what was written.
+    """
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     assert driver is not None
+    now = datetime.now(UTC)
+    instruct = res.settings.edit_model is not None
+    written: list[_Written] = []
+    problems: list[dict[str, Any]] = []
     columns = ", ".join(_COPY_COLUMNS)
     async with driver.cursor() as cursor, cursor.copy(f"COPY jobs ({columns}) FROM STDIN") as copy:
-        for row in rows:
+        for index in range(len(submission.items)):
+            req = submission.check(index)
+            if not isinstance(req, list) and req.mode == "instruct" and not instruct:
+                req = [{"index": index, "field": "mode", "message": "instruct edits are not available here"}]
+            if isinstance(req, list):
+                problems.extend(req)
+                continue
+            if problems:
+                continue  # the batch is refused: check the rest to name every bad job, write nothing more
+            row = build_job_row(
+                req,
+                tenant_id=tenant_id,
+                max_attempts=res.settings.max_attempts,
+                batch_id=batch_id,
+                batch_index=index,
+                model=model_identity(res.settings, req.kind, req.mode),
+            )
             await copy.write_row(
                 (
                     row["id"],
-                    row["tenant_id"],
-                    row["batch_id"],
-                    row["batch_index"],
+                    tenant_id,
+                    batch_id,
+                    index,
                     row["kind"],
                     row["queue"],
                     row["group_key"],
@@ -153,6 +185,13 @@ async def _copy_jobs(conn: AsyncConnection, rows: list[dict[str, Any]], now: dat
                     now,
                 )
             )
+            written.append(_Written(row["id"], row["queue"], row["reuse_key"], req))
+            if index % COPY_YIELD_ROWS == 0:
+                # Let psycopg's writer send what is buffered, so Postgres stores rows while the next are checked.
+                await asyncio.sleep(0)
+        if problems:
+            raise refusal(problems)  # leaving the COPY with an error aborts it
+    return written
 
 
 async def _publish(res: Resources, pairs: list[tuple[str, str]]) -> None:

@@ -24,6 +24,7 @@ from core import storage
 from core.db import make_async_engine, make_engine
 from core.errors import PayloadTooLarge
 from core.images import MAX_IMAGE_BYTES
+from core.presign import Presigner
 from core.settings import Settings, get_settings
 from core.sweeper import SweeperThread
 
@@ -80,6 +81,19 @@ class BodyLimit:
         await self.app(scope, limited, answer)
 
 
+def presigner_for(settings: Settings) -> Presigner | None:
+    """The local URL signer for the endpoint clients reach; None for AWS's default endpoint (boto3 signs)."""
+    if settings.presign_endpoint is None:
+        return None
+    return Presigner(
+        settings.presign_endpoint,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key,
+        bucket=settings.s3_bucket,
+    )
+
+
 def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> FastAPI:
     """The API application for ``settings`` (default: from the environment)."""
     settings = settings or get_settings()
@@ -98,6 +112,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             s3_presign=storage.make_s3_client(settings, public=True),
             s3_data=storage.make_s3_client(settings),
             keys=KeyCache(db),
+            presigner=presigner_for(settings),
         )
         if run_sweeper:
             res.sync_db = make_engine(settings, pool_size=1)

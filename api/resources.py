@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.auth import KeyCache
 from core import storage
+from core.presign import Presigner
 from core.settings import Settings
 from core.sweeper import SweeperThread
 
@@ -36,6 +37,11 @@ class Resources:
     # Work that outlives its request (a batch's publish); awaited at shutdown.
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
+    # Signs GET URLs locally (17x boto3's presigning); None where the endpoint is AWS's default (boto3 signs).
+    presigner: Presigner | None = None
+
     def presign(self, key: str) -> tuple[str, datetime]:
         """A presigned GET URL for a result key and when it expires (a local computation, no I/O)."""
+        if self.presigner is not None:
+            return self.presigner.url(key, self.settings.presign_ttl_s)
         return storage.presign_get(self.s3_presign, self.settings.s3_bucket, key, self.settings.presign_ttl_s)

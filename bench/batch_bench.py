@@ -66,6 +66,19 @@ def reference(settings: Settings, tenant_id: str, body: dict[str, Any], client: 
     return time.perf_counter() - started
 
 
+def fresh(settings: Settings, client: redis.Redis, prefix: str) -> None:
+    """Empty the job tables and this run's Redis keys, so rounds do not grow each other's indexes."""
+    db = make_engine(settings, pool_size=1)
+    with db.begin() as conn:
+        conn.execute(text("TRUNCATE jobs"))
+        conn.execute(text("DELETE FROM batches"))
+    with db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE jobs"))
+    db.dispose()
+    for k in client.scan_iter(f"{prefix}*"):
+        client.delete(k)
+
+
 def service(api: httpx.Client, body: bytes, client: redis.Redis, broker: str) -> tuple[float, float, str]:
     """Seconds to the 202, seconds until every job is in Redis, and the batch id."""
     before = client.llen(broker)
@@ -167,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             service(api, json.dumps(batch_body(200)).encode(), client, broker)  # warm the process up
             refs, accepts, alls, batch_id = [], [], [], ""
             for _ in range(args.rounds):
+                fresh(settings, client, prefix)  # each side of each round starts from the same empty tables
                 refs.append(reference(settings, tenant_id, body, client))
+                fresh(settings, client, prefix)
                 accepted, everything, batch_id = service(api, raw, client, broker)
                 accepts.append(accepted)
                 alls.append(everything)

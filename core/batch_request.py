@@ -1,6 +1,10 @@
 """A bulk submission as the API receives it: JSON (``defaults`` + ``jobs``) or NDJSON (one job a line), checked
 whole. One bad job refuses the batch, and the refusal lists every bad job by index, so a client fixes them all
 in one round.
+
+``parse_batch`` checks the body's shape; each job is checked by ``BatchSubmission.check`` as the rows are
+written, so validating 10 000 jobs overlaps with Postgres storing them (the transaction rolls back if any job is
+bad, so nothing is half-written).
 """
 
 from __future__ import annotations
@@ -22,15 +26,45 @@ MAX_DETAILS = 1000  # problems listed in one refusal; the message says how many 
 
 @dataclass(frozen=True)
 class BatchSubmission:
-    """A checked batch: each job's request with the batch defaults applied, and the batch's own metadata."""
+    """A batch whose body parsed: its jobs as sent, the defaults under them, and the batch's own metadata."""
 
-    jobs: list[JobRequest]
+    items: list[Any]
+    defaults: dict[str, Any]
     metadata: dict[str, Any]
+
+    def check(self, index: int) -> JobRequest | list[dict[str, Any]]:
+        """Job ``index`` as a request with the defaults applied, or its problems (each naming ``index``)."""
+        item = self.items[index]
+        if not isinstance(item, dict):
+            return [{"index": index, "field": "body", "message": "a job must be an object"}]
+        try:
+            return JobRequest.model_validate({**self.defaults, **item} if self.defaults else item)
+        except ValidationError as exc:
+            return error_details(exc, index=index)
+
+    def requests(self) -> list[JobRequest]:
+        """Every job as a request; ValidationFailed listing every problem of every job."""
+        jobs: list[JobRequest] = []
+        problems: list[dict[str, Any]] = []
+        for index in range(len(self.items)):
+            checked = self.check(index)
+            if isinstance(checked, list):
+                problems.extend(checked)
+            else:
+                jobs.append(checked)
+        if problems:
+            raise refusal(problems)
+        return jobs
+
+
+def refusal(problems: list[dict[str, Any]]) -> ValidationFailed:
+    """The 422 of a batch with these problems: every bad index named, nothing created."""
+    return ValidationFailed(_summary(problems), problems[:MAX_DETAILS])
 
 
 def parse_batch(body: bytes, content_type: str, *, max_jobs: int) -> BatchSubmission:
-    """Parse and check a batch body; BadRequest for a body that is not JSON / NDJSON, PayloadTooLarge past
-    ``max_jobs``, ValidationFailed listing every bad job (``index``, ``field``, ``message``)."""
+    """Parse a batch body and check its shape; BadRequest for a body that is not JSON / NDJSON, PayloadTooLarge
+    past ``max_jobs``, ValidationFailed for a bad top level. The jobs themselves are checked by ``check``."""
     media = content_type.split(";", 1)[0].strip().lower()
     if media in NDJSON_TYPES:
         defaults: dict[str, Any] = {}
@@ -50,7 +84,7 @@ def parse_batch(body: bytes, content_type: str, *, max_jobs: int) -> BatchSubmis
             f"a batch holds at most {max_jobs} jobs, this one has {len(items)}",
             [{"field": "jobs", "message": f"at most {max_jobs} jobs"}],
         )
-    return BatchSubmission(_checked_jobs(defaults, items), metadata)
+    return BatchSubmission(items, defaults, metadata)
 
 
 def _json_body(body: bytes) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
@@ -92,23 +126,6 @@ def _ndjson_lines(body: bytes) -> list[Any]:
     if bad:
         raise BadRequest(f"{len(bad)} line(s) of the body are not valid JSON", bad[:MAX_DETAILS])
     return items
-
-
-def _checked_jobs(defaults: dict[str, Any], items: list[Any]) -> list[JobRequest]:
-    """Each job as a request, the defaults under it; every problem of every job, by index."""
-    jobs: list[JobRequest] = []
-    problems: list[dict[str, Any]] = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            problems.append({"index": index, "field": "body", "message": "a job must be an object"})
-            continue
-        try:
-            jobs.append(JobRequest.model_validate({**defaults, **item} if defaults else item))
-        except ValidationError as exc:
-            problems.extend(error_details(exc, index=index))
-    if problems:
-        raise ValidationFailed(_summary(problems), problems[:MAX_DETAILS])
-    return jobs
 
 
 def _summary(problems: list[dict[str, Any]]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 
@@ -20,12 +21,15 @@ def uuid7_int() -> int:
     return value
 
 
+# RFC 4648 base32's alphabet mapped onto Crockford's: the C encoder does the work (10x a Python loop; a
+# 10 000-job batch makes 10 000 ids).
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+
+
 def _base32(value: int) -> str:
-    chars = []
-    for _ in range(26):  # 26 * 5 = 130 bits >= 128
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    """26 Crockford base32 digits of a 128-bit value (26 * 5 = 130 bits), most significant first."""
+    # 20 bytes are 32 base32 digits; the last 26 of them are exactly the low 130 bits.
+    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(_TO_CROCKFORD).decode()
 
 
 def new_id(prefix: str) -> str:

@@ -56,7 +56,7 @@ def build_job_row(
     ``model`` (``core.reuse.model_identity``) names the weights that will run it: a job that opted into reuse
     gets its reuse key from it."""
     normalized = req.normalized()
-    digest = request_hash(normalized)
+    digest = request_hash(normalized) if idempotency_key is not None else None
     reuse = reuse_key(normalized, model) if req.reuse else None
     if normalized["seed"] is None:
         # Leave room for seed + num_images - 1 within the allowed range.
@@ -75,6 +75,6 @@ def build_job_row(
         "metadata": normalized["metadata"],
         "max_attempts": max_attempts,
         "idempotency_key": idempotency_key,
-        "request_hash": digest if idempotency_key is not None else None,
+        "request_hash": digest,
         "reuse_key": reuse,
     }

@@ -83,12 +83,6 @@ async def create_batch(
     submission = parse_batch(
         body, request.headers.get("content-type", ""), max_jobs=res.settings.max_batch_jobs
     )
-    if res.settings.edit_model is None and any(job.mode == "instruct" for job in submission.jobs):
-        bad = [i for i, job in enumerate(submission.jobs) if job.mode == "instruct"]
-        raise errors.ValidationFailed(
-            "instruct edits need an Edit checkpoint, and this service has none configured",
-            [{"index": i, "field": "mode", "message": "instruct edits are not available here"} for i in bad[:1000]],
-        )
     batch, created = await batch_ops.create_batch(
         res, tenant_id=tenant, submission=submission, body=body, idempotency_key=idempotency_key
     )
