@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Float, case, func, literal, literal_column, select, text
 
 from core import fair_share
+from core.events import EVENT_COLUMNS, JobEvent, from_rows
 from core.models import jobs
 from core.status import ErrorCode, JobStatus
 from core.transition import transition
@@ -117,6 +118,8 @@ _CLAIMED = (
     jobs.c.priority,
     jobs.c.cost_tokens,
 )
+# The event columns a claim's RETURNING does not already have.
+_EVENT_EXTRA = tuple(c for c in EVENT_COLUMNS if not any(c is d for d in _CLAIMED))
 
 
 def claim_batch(
@@ -128,12 +131,14 @@ def claim_batch(
     max_images: int,
     token_budget: int,
     fresh_only: bool = False,
+    events: list[JobEvent] | None = None,
 ) -> list[ClaimedJob]:
     """Claim the next batch of compatible queued jobs of ``queue`` (may be empty) and advance the clocks of the
     tenants it serves (``core.fair_share``), in one transaction; commits.
 
     ``fresh_only`` skips jobs that already lost a worker (a claim made ahead of time, while another batch runs,
-    must not put them at risk again should that batch crash the worker).
+    must not put them at risk again should that batch crash the worker). ``events`` (when given) receives each
+    claimed job's event, to publish once the claim is committed (``core.events``).
     """
     clocks = fair_share.queued_tenants(conn, queue, fresh_only=fresh_only)
     order = fair_share.service_order(clocks)
@@ -161,12 +166,13 @@ def claim_batch(
             "progress_total": case(totals, value=jobs.c.id),
         },
     )
-    rows = conn.execute(claim.returning(*_CLAIMED)).mappings().all()
+    rows = conn.execute(claim.returning(*_CLAIMED, *_EVENT_EXTRA)).mappings().all()
     served: dict[str, int] = {}
     for r in rows:
         served[r["tenant_id"]] = served.get(r["tenant_id"], 0) + r["cost_tokens"]
     fair_share.advance(conn, served, clocks, token_budget=token_budget)
     conn.commit()
+    _collect(events, rows)
     rows = sorted(rows, key=lambda r: (-r["priority"], r["created_at"], r["id"]))
     return [
         ClaimedJob(
@@ -202,19 +208,33 @@ def _lease(lease_s: float) -> ColumnElement[Any]:
     return func.clock_timestamp() + literal(float(lease_s), Float) * literal_column("interval '1 second'")
 
 
-def heartbeat(conn: Connection, jobs_: Sequence[ClaimedJob], *, steps: Sequence[int], lease_s: float) -> set[str]:
+def _collect(events: list[JobEvent] | None, rows: Sequence[Any]) -> None:
+    """Add the events of a committed write's rows to ``events`` (when the caller asked for them)."""
+    if events is not None:
+        events.extend(from_rows(rows))
+
+
+def heartbeat(
+    conn: Connection,
+    jobs_: Sequence[ClaimedJob],
+    *,
+    steps: Sequence[int],
+    lease_s: float,
+    events: list[JobEvent] | None = None,
+) -> set[str]:
     """Record each job's progress (``steps[i]`` for ``jobs_[i]``) and renew the leases of the jobs this worker
     still holds; returns their ids. A job missing from the answer was canceled (or its lease was lost): the
-    worker must not write it again."""
+    worker must not write it again. ``events`` receives the progress events to publish."""
     progress = {job.id: step for job, step in zip(jobs_, steps, strict=True)}
     write = transition(
         JobStatus.RUNNING,
         fence=jobs_,
         values={"progress_step": case(progress, value=jobs.c.id), "lease_expires_at": _lease(lease_s)},
     )
-    rows = conn.execute(write.returning(jobs.c.id)).scalars().all()
+    rows = conn.execute(write.returning(*EVENT_COLUMNS)).mappings().all()
     conn.commit()
-    return set(rows)
+    _collect(events, rows)
+    return {r["id"] for r in rows}
 
 
 def renew_leases(conn: Connection, jobs_: Sequence[ClaimedJob], *, lease_s: float) -> set[str]:
@@ -232,6 +252,7 @@ def record_success(
     outputs: list[dict[str, Any]],
     inference_ms: int,
     upload_ms: int,
+    events: list[JobEvent] | None = None,
 ) -> bool:
     """Mark a claimed job succeeded with its outputs (fenced); False when the write was stale and did nothing."""
     write = transition(
@@ -240,9 +261,11 @@ def record_success(
         values={"outputs": outputs},
         timings={"inference_ms": inference_ms, "upload_ms": upload_ms},
     )
-    done = conn.execute(write.returning(jobs.c.id)).scalar()
+    done = conn.execute(write.returning(*EVENT_COLUMNS)).mappings().first()
     conn.commit()
-    if done is None:
+    if done is not None:
+        _collect(events, [done])
+    else:
         # A retry after a commit whose answer was lost finds its own success: that is not a stale write.
         if _ended_as(conn, job, JobStatus.SUCCEEDED):
             return True
@@ -259,18 +282,29 @@ def _ended_as(conn: Connection, job: ClaimedJob, status: JobStatus) -> bool:
     return found is not None
 
 
-def record_failure(conn: Connection, job: ClaimedJob, *, code: ErrorCode, message: str) -> bool:
+def record_failure(
+    conn: Connection,
+    job: ClaimedJob,
+    *,
+    code: ErrorCode,
+    message: str,
+    events: list[JobEvent] | None = None,
+) -> bool:
     """Mark a claimed job failed with an error code (fenced); False when the write was stale."""
     write = transition(
         JobStatus.FAILED, fence=[job], values={"error_code": code.value, "error_message": message[:2000]}
     )
-    done = conn.execute(write.returning(jobs.c.id)).scalar()
+    done = conn.execute(write.returning(*EVENT_COLUMNS)).mappings().first()
     conn.commit()
+    if done is not None:
+        _collect(events, [done])
     return done is not None or _ended_as(conn, job, JobStatus.FAILED)
 
 
-def release(conn: Connection, job: ClaimedJob) -> bool:
+def release(conn: Connection, job: ClaimedJob, *, events: list[JobEvent] | None = None) -> bool:
     """Give a claimed job back to the queue (shutdown, transient error); the sweeper re-publishes it."""
-    done = conn.execute(transition(JobStatus.QUEUED, fence=[job]).returning(jobs.c.id)).scalar()
+    done = conn.execute(transition(JobStatus.QUEUED, fence=[job]).returning(*EVENT_COLUMNS)).mappings().first()
     conn.commit()
+    if done is not None:
+        _collect(events, [done])
     return done is not None
