@@ -23,8 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from api.jobs import list_jobs
 from api.resources import Resources
 from api.submit import dispatch
-from core import errors, ids
+from core import errors, events, ids
 from core.batch_request import BatchSubmission, refusal
+from core.events import EVENT_COLUMNS
 from core.image_refs import check_batch_refs
 from core.job_object import rfc3339
 from core.links import gallery_url
@@ -289,10 +290,14 @@ async def cancel_batch(res: Resources, *, tenant_id: str, batch_id: str) -> dict
     batch had nothing left to cancel."""
     async with res.db.connect() as conn:
         row = await _owned(conn, tenant_id, batch_id)
-        moved = await conn.execute(
-            transition(JobStatus.CANCELED, where=[jobs.c.batch_id == batch_id, jobs.c.tenant_id == tenant_id])
-        )
-        if moved.rowcount == 0:
+        moved = (
+            await conn.execute(
+                transition(
+                    JobStatus.CANCELED, where=[jobs.c.batch_id == batch_id, jobs.c.tenant_id == tenant_id]
+                ).returning(*EVENT_COLUMNS)
+            )
+        ).mappings().all()
+        if not moved:
             await conn.rollback()
             view = await _render(conn, res, row)
             raise errors.Conflict(f"batch {batch_id} is already {view['status']}")
@@ -309,6 +314,7 @@ async def cancel_batch(res: Resources, *, tenant_id: str, batch_id: str) -> dict
             .one()
         )
         await conn.commit()
+        await events.publish_async(res.redis, res.settings.redis_prefix, events.from_rows(moved))
         return await _render(conn, res, row)
 
 

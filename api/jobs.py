@@ -12,7 +12,7 @@ from sqlalchemy import and_, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.resources import Resources
-from core import errors
+from core import errors, events
 from core.job_object import job_object
 from core.models import jobs
 from core.status import JobStatus, is_terminal
@@ -142,6 +142,7 @@ async def cancel_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str
         )
         await conn.commit()
         if row is not None:
+            await events.publish_async(res.redis, res.settings.redis_prefix, events.from_rows([row]))
             return await render(conn, res, row)
         current = (
             await conn.execute(select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))

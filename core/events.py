@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -69,7 +69,7 @@ def micros(at: datetime) -> int:
     return int(at.timestamp() * 1_000_000)
 
 
-def from_rows(rows: Iterable[Mapping[str, Any]]) -> list[JobEvent]:
+def from_rows(rows: Iterable[Any]) -> list[JobEvent]:
     """The events of the rows a write returned with ``EVENT_COLUMNS``."""
     return [
         JobEvent(

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, Text, cast, func, text
 
-from core import queue
+from core import events, queue
+from core.events import EVENT_COLUMNS
 from core.models import jobs
 from core.settings import Settings
 from core.status import HELD, ErrorCode, JobStatus
@@ -23,7 +24,7 @@ _LOCK_KEY = 0x5A494D47  # "ZIMG": the advisory lock every sweeper takes before a
 _EXPIRED = jobs.c.lease_expires_at < func.clock_timestamp()
 _ATTEMPTS_LEFT = jobs.c.attempt < jobs.c.max_attempts
 # A lease that ran out: the job goes back to the queue while it has attempts left, else it fails.
-_REQUEUE = transition(JobStatus.QUEUED, from_=HELD, where=[_EXPIRED, _ATTEMPTS_LEFT]).returning(jobs.c.id)
+_REQUEUE = transition(JobStatus.QUEUED, from_=HELD, where=[_EXPIRED, _ATTEMPTS_LEFT]).returning(*EVENT_COLUMNS)
 _GIVE_UP = transition(
     JobStatus.FAILED,
     from_=HELD,
@@ -34,7 +35,7 @@ _GIVE_UP = transition(
         "worker_id": None,
         "dispatched_at": None,
     },
-).returning(jobs.c.id)
+).returning(*EVENT_COLUMNS)
 
 _UNDISPATCHED = text(
     f"""
@@ -86,9 +87,11 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
         if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
             conn.rollback()
             return SweepResult(acted=False)
-        requeued = len(conn.execute(_REQUEUE).all())
-        failed = len(conn.execute(_GIVE_UP).all())
+        moved = [*conn.execute(_REQUEUE).mappings().all(), *conn.execute(_GIVE_UP).mappings().all()]
         conn.commit()  # the expiry stands even if Redis is down below
+        failed = sum(1 for r in moved if r["status"] == JobStatus.FAILED)
+        requeued = len(moved) - failed
+        events.publish(redis_client, settings.redis_prefix, events.from_rows(moved))
         if requeued or failed:
             log.warning("sweeper: %d expired leases requeued, %d failed", requeued, failed)
 

@@ -7,11 +7,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
 
 from core import lifecycle
+from core.events import JobEvent
 from core.lifecycle import ClaimedJob
 from core.settings import Settings
 from core.work import progress_total
@@ -28,8 +29,16 @@ class BatchGuard:
     The engine reports each request's steps done; request i is ``jobs[i]`` (``keep`` narrows the jobs when some
     leave the batch before it runs)."""
 
-    def __init__(self, jobs: Sequence[ClaimedJob], *, db: Engine, settings: Settings) -> None:
+    def __init__(
+        self,
+        jobs: Sequence[ClaimedJob],
+        *,
+        db: Engine,
+        settings: Settings,
+        publish: Callable[[Sequence[JobEvent]], None] | None = None,
+    ) -> None:
         self._db = db
+        self._publish = publish or (lambda _: None)
         self._settings = settings
         self._jobs = list(jobs)
         self._totals = [progress_total(j.request) for j in jobs]
@@ -86,9 +95,11 @@ class BatchGuard:
         if now - self._last_progress < settings.progress_interval_s and not finished:
             return False
         self._last_progress = now
+        found: list[JobEvent] = []
         try:
             with self._db.connect() as conn:
-                self.live = lifecycle.heartbeat(conn, self._jobs, steps=steps, lease_s=settings.lease_s)
+                self.live = lifecycle.heartbeat(conn, self._jobs, steps=steps, lease_s=settings.lease_s, events=found)
+            self._publish(found)
         except Exception as exc:  # progress is best effort; the final, fenced write is what counts
             log.warning("progress write failed: %s", exc)
             return False

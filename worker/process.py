@@ -129,6 +129,8 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
             db_retry_s=settings.db_retry_s,
             storage_retry_s=settings.storage_retry_s,
             model_id=settings.turbo_model,
+            redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
+            redis_prefix=settings.redis_prefix,
         ),
         uploads=ThreadPoolExecutor(
             upload_threads(settings, engine.device), thread_name_prefix="upload", initializer=_yield_cpu

@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 from PIL import Image
 from sqlalchemy import Connection, Engine
 
-from core import lifecycle, storage
+from core import events, lifecycle, storage
 from core.errors import StorageError
+from core.events import JobEvent
 from core.lifecycle import ClaimedJob
 from core.retry import Backoff, db_call, retrying
 from core.status import ErrorCode
@@ -35,21 +36,37 @@ class Recorder:
     db_retry_s: float
     storage_retry_s: float
     model_id: str  # written into each image's metadata
+    redis: Any = None  # where job events are published (None: not published)
+    redis_prefix: str = ""
 
     def db_call(self, fn: Callable[[Connection], T], what: str) -> T:
         """Run ``fn`` on a fresh connection, retrying lost connections with backoff."""
         return db_call(self.db, fn, deadline_s=self.db_retry_s, what=what)
 
+    def publish(self, found: Sequence[JobEvent]) -> None:
+        """Publish the events of committed writes (best effort: streams fall back to the rows)."""
+        if self.redis is not None:
+            events.publish(self.redis, self.redis_prefix, found)
+
     def fail(self, jobs: Sequence[ClaimedJob], code: ErrorCode, message: str) -> int:
         """Record jobs as failed (fenced); how many were."""
-        return sum(
-            self.db_call(partial(lifecycle.record_failure, job=job, code=code, message=message), "record failure")
+        found: list[JobEvent] = []
+        failed = sum(
+            self.db_call(
+                partial(lifecycle.record_failure, job=job, code=code, message=message, events=found),
+                "record failure",
+            )
             for job in jobs
         )
+        self.publish(found)
+        return failed
 
     def release(self, jobs: Sequence[ClaimedJob]) -> int:
         """Give jobs back to the queue (fenced); how many were."""
-        return sum(self.db_call(partial(lifecycle.release, job=job), "release") for job in jobs)
+        found: list[JobEvent] = []
+        released = sum(self.db_call(partial(lifecycle.release, job=job, events=found), "release") for job in jobs)
+        self.publish(found)
+        return released
 
     def store(self, job: ClaimedJob, images: Sequence[Image.Image], inference_ms: int) -> str:
         """Store one job's images and record it; returns its end: succeeded, failed, released or canceled.
@@ -66,13 +83,15 @@ class Recorder:
                 return "released" if self.release([job]) else "canceled"
             self.fail([job], ErrorCode.INTERNAL_ERROR, f"storing the result failed: {exc}")
             return "failed"
+        found: list[JobEvent] = []
         ok = self.db_call(
             lambda conn: lifecycle.record_success(
-                conn, job, outputs=outputs, inference_ms=inference_ms, upload_ms=upload_ms
+                conn, job, outputs=outputs, inference_ms=inference_ms, upload_ms=upload_ms, events=found
             ),
             "record success",
         )
         if ok:
+            self.publish(found)
             return "succeeded"
         keys = [o["key"] for o in outputs]  # canceled (or lease lost) while uploading
         retrying(

@@ -18,6 +18,7 @@ import torch
 
 from core import lifecycle
 from core.errors import InvalidInput, OutOfMemory, ServiceError, job_error_code
+from core.events import JobEvent
 from core.lifecycle import ClaimedJob
 from core.status import ErrorCode
 from worker import process
@@ -76,6 +77,7 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
     s = ctx.settings
     if s.batch_wait_ms and _filling(ctx, queue):
         time.sleep(s.batch_wait_ms / 1000)
+    found: list[JobEvent] = []
     jobs = ctx.recorder.db_call(
         lambda conn: lifecycle.claim_batch(
             conn,
@@ -85,12 +87,14 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
             max_images=s.max_batch_images,
             token_budget=s.batch_token_budget,
             fresh_only=ahead,
+            events=found,
         ),
         "claim",
     )
     if not jobs:
         return None
-    batch = Batch(jobs, BatchGuard(jobs, db=ctx.db, settings=s).start())
+    ctx.recorder.publish(found)
+    batch = Batch(jobs, BatchGuard(jobs, db=ctx.db, settings=s, publish=ctx.recorder.publish).start())
     try:
         if jobs[0].kind == "edit":
             batch.edits = _edit_requests(ctx, batch)
