@@ -15,9 +15,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.auth import KeyCache
+from api.events import EventHub
 from api.multipart import MULTIPART_OVERHEAD
 from api.resources import Resources
-from api.routes import batches, health, jobs, uploads
+from api.routes import batches, events, health, jobs, uploads
 from api.routes.gallery import router as gallery_router
 from api.submit import GroupCommitter
 from core import storage
@@ -124,6 +125,11 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             res.sweeper.start()
         res.submitter = GroupCommitter(res)
         res.submitter.start()
+        res.events = EventHub(
+            aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=_REDIS_CONNECT_TIMEOUT_S),
+            settings.redis_prefix,
+        )
+        res.events.start()
         app.state.resources = res
         # The objects built at start live as long as the process: keep the collector from rescanning them, and
         # collect young objects less often. Measured: p99 of POST /v1/jobs under load 176 ms -> 49 ms.
@@ -132,6 +138,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         try:
             yield
         finally:
+            await res.events.stop()
             await res.submitter.stop()
             if res.background:  # a batch still being published: let it finish (or fail to the sweeper)
                 await asyncio.gather(*res.background, return_exceptions=True)
@@ -152,6 +159,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(batches.router)
+    app.include_router(events.router)
     app.include_router(gallery_router)
     app.include_router(uploads.router)
     # Uploads carry images up to 20 MiB (their route streams with its own hard cap); JSON bodies stay small.

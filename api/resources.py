@@ -34,6 +34,8 @@ class Resources:
     submitter: Any = None  # api.submit.GroupCommitter, started in the lifespan
     # monotonic time before which publishing is skipped (Redis just failed); the sweeper catches up.
     redis_down_until: float = 0.0
+    # Fans Redis pub/sub out to the server-sent-event streams (api.events.EventHub), started in the lifespan.
+    events: Any = None
     # Work that outlives its request (a batch's publish); awaited at shutdown.
     background: set[asyncio.Task[None]] = field(default_factory=set)
 

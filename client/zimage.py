@@ -107,6 +107,10 @@ class ZImageClient:
         """GET /v1/batches/{id}: the batch with its counts."""
         return self._json(self._http.get(f"/v1/batches/{batch_id}"))
 
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """POST /v1/batches/{id}/cancel: every job not yet terminal is canceled."""
+        return self._json(self._http.post(f"/v1/batches/{batch_id}/cancel"))
+
     def wait_batch(
         self, batch_id: str, *, timeout_s: float = 900.0, poll_s: float = 0.5, on_update: Any = None
     ) -> dict[str, Any]:

@@ -100,7 +100,9 @@ def _messages(prefix: str, events: Sequence[JobEvent]) -> list[tuple[str, str]]:
     for event in events:
         data = event.to_json()
         out.append((job_channel(prefix, event.job_id), data))
-        if event.batch_id is not None:
+        # A batch's streams count statuses: a running job's progress does not change them.
+        progress_only = event.status == "running" and (event.step or 0) > 0
+        if event.batch_id is not None and not progress_only:
             out.append((batch_channel(prefix, event.batch_id), data))
     return out
 

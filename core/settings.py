@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     # Signs the short-lived gallery links (core/links.py) that let a browser open a batch without an API key.
     link_secret: str = "zimage-dev-link-secret"
     link_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    # Server-sent events: a keep-alive comment after this much silence; while Redis is down, a stream re-reads
+    # its row this often instead.
+    events_keepalive_s: float = Field(15.0, gt=0, le=300)
+    events_poll_s: float = Field(2.0, gt=0, le=60)
     # Bulk submission: jobs per batch, and the body that carries them (JSON or NDJSON).
     max_batch_jobs: int = Field(10_000, ge=1, le=100_000)
     max_batch_body_bytes: int = Field(32 << 20, ge=1024)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import socket
+import time
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -95,9 +99,7 @@ def test_jobs_run_end_to_end(
             "output_quality": 80,
         }
     )
-    requests.append(
-        {"prompt": "a webp of a dog", "width": 256, "height": 256, "seed": 6, "output_format": "webp"}
-    )
+    requests.append({"prompt": "a webp of a dog", "width": 256, "height": 256, "seed": 6, "output_format": "webp"})
 
     s3 = storage.make_s3_client(settings)
     with ZImageClient(stack.api_url, new_key()) as client:
@@ -148,9 +150,7 @@ def test_jobs_run_end_to_end(
 def test_cancel_queued_job_never_runs(stack: Stack, new_key, db: Engine) -> None:  # type: ignore[no-untyped-def]
     with ZImageClient(stack.api_url, new_key()) as client:
         # Enough work ahead that the last job is still queued when canceled.
-        ahead = [
-            client.submit({"prompt": f"filler {i}", "width": 512, "height": 512, "seed": i}) for i in range(6)
-        ]
+        ahead = [client.submit({"prompt": f"filler {i}", "width": 512, "height": 512, "seed": i}) for i in range(6)]
         victim = client.submit({"prompt": "never runs", "width": 256, "height": 256, "priority": 0})
         canceled = client.cancel(victim["id"])
         assert canceled["status"] == "canceled"
@@ -162,3 +162,127 @@ def test_cancel_queued_job_never_runs(stack: Stack, new_key, db: Engine) -> None
 def _tenant(db: Engine, job_id: str) -> str:
     with db.connect() as conn:
         return str(conn.execute(text("SELECT tenant_id FROM jobs WHERE id = :id"), {"id": job_id}).scalar())
+
+
+def _tenant_keys(s3: object, bucket: str, tenant_id: str) -> set[str]:
+    """Every result object of a tenant in S3."""
+    keys: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"results/{tenant_id}/"):  # type: ignore[attr-defined]
+        keys.update(o["Key"] for o in page.get("Contents", []))
+    return keys
+
+
+def _tenant_of(db: Engine, batch_id: str) -> str:
+    with db.connect() as conn:
+        return str(conn.execute(text("SELECT tenant_id FROM batches WHERE id = :b"), {"b": batch_id}).scalar_one())
+
+
+def test_a_batch_runs_and_its_manifest_matches_s3_object_for_object(
+    stack: Stack,
+    settings: Settings,
+    new_key,
+    db: Engine,  # type: ignore[no-untyped-def]
+) -> None:
+    s3 = storage.make_s3_client(settings)
+    with ZImageClient(stack.api_url, new_key()) as client:
+        jobs = [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": 300 + i, "num_images": 1 + i % 2, "metadata": {"i": i}}
+                for i in range(8)]  # fmt: skip
+        batch = client.submit_batch(jobs, defaults={"width": 256, "height": 256}, metadata={"e2e": True})
+        done = client.wait_batch(batch["id"], timeout_s=300)
+        assert done["status"] == "completed" and done["counts"]["succeeded"] == 8 and done["finished_at"]
+        manifest = list(client.iter_manifest(batch["id"]))
+        assert [line["index"] for line in manifest] == list(range(8))
+        assert [line["metadata"] for line in manifest] == [{"i": i} for i in range(8)]
+        keys = {out["key"] for line in manifest for out in line["outputs"]}
+        assert len(keys) == sum(1 + i % 2 for i in range(8))
+        # Object for object: every output the manifest names is in S3, and S3 holds nothing else of the tenant.
+        assert _tenant_keys(s3, settings.s3_bucket, _tenant_of(db, batch["id"])) == keys
+        for line in manifest:
+            for out in line["outputs"]:
+                assert hashlib.sha256(client.download(out)).hexdigest() == out["sha256"]
+
+
+def test_cancel_of_a_running_batch_stops_it_and_leaves_only_finished_results(
+    stack: Stack,
+    settings: Settings,
+    new_key,
+    db: Engine,  # type: ignore[no-untyped-def]
+) -> None:
+    s3 = storage.make_s3_client(settings)
+    with ZImageClient(stack.api_url, new_key()) as client:
+        jobs = [{"prompt": f"{PROMPTS[i % len(PROMPTS)]} #{i}", "seed": i} for i in range(40)]
+        batch = client.submit_batch(jobs, defaults={"width": 512, "height": 512, "steps": 8})
+        deadline = time.monotonic() + 120
+        while client.get_batch(batch["id"])["counts"]["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        canceled = client.cancel_batch(batch["id"])
+        assert canceled["status"] == "canceled" and canceled["counts"]["canceled"] > 0
+        # Running jobs stop at their next denoising step: soon nothing of the batch is active.
+        final = client.wait_batch(batch["id"], timeout_s=120)
+        counts = final["counts"]
+        assert counts["queued"] == counts["running"] == 0
+        assert counts["succeeded"] + counts["canceled"] == 40 and counts["canceled"] >= 30
+        manifest = list(client.iter_manifest(batch["id"]))
+        finished = {out["key"] for line in manifest if line["status"] == "succeeded" for out in line["outputs"]}
+        assert all(not line["outputs"] for line in manifest if line["status"] == "canceled")
+    time.sleep(1.0)  # a canceled job's upload that raced the cancel deletes what it stored
+    assert _tenant_keys(s3, settings.s3_bucket, _tenant_of(db, batch["id"])) == finished
+
+
+def _sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Parse server-sent events (id, event, data as JSON) from a stream's lines; comments are yielded as such."""
+    event: dict[str, Any] = {}
+    for line in lines:
+        if line.startswith(":"):
+            yield {"comment": line}
+        elif not line:
+            if event:
+                yield event
+            event = {}
+        else:
+            name, _, value = line.partition(": ")
+            event[name] = json.loads(value) if name == "data" else value
+
+
+def test_job_events_stream_status_and_progress_to_the_end_and_resume(
+    stack: Stack,
+    new_key,  # type: ignore[no-untyped-def]
+) -> None:
+    key = new_key()
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=stack.api_url, headers=headers, timeout=60) as api:
+        job = api.post("/v1/jobs", json={"prompt": "events", "width": 256, "height": 256, "steps": 6}).json()
+        with api.stream("GET", f"/v1/jobs/{job['id']}/events") as answer:
+            assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+            got = [e for e in _sse(answer.iter_lines()) if "event" in e]
+        kinds = [e["event"] for e in got]
+        assert kinds[0] == "job" and kinds[-1] == "job" and got[-1]["data"]["status"] == "succeeded"
+        assert got[-1]["data"]["outputs"] and got[-1]["data"]["outputs"][0]["url"]
+        ids = [int(e["id"]) for e in got]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)  # monotonic: resumable
+        steps = [e["data"]["progress"]["step"] for e in got if e["event"] == "progress"]
+        assert steps == sorted(steps) and all(0 < s <= 6 for s in steps)
+        # Resume from the first event: only what came after, ending with the same final state.
+        with api.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": got[0]["id"]}) as again:
+            resumed = [e for e in _sse(again.iter_lines()) if "event" in e]
+        assert [e["id"] for e in resumed] == [got[-1]["id"]]
+        # A client that connects after the end gets the final state at once, and the stream ends.
+        started = time.monotonic()
+        with api.stream("GET", f"/v1/jobs/{job['id']}/events") as late:
+            final = [e for e in _sse(late.iter_lines()) if "event" in e]
+        assert [e["data"]["status"] for e in final] == ["succeeded"] and time.monotonic() - started < 5
+        other = {"Authorization": f"Bearer {new_key()}"}
+        assert api.get(f"/v1/jobs/{job['id']}/events", headers=other).status_code == 404
+
+
+def test_batch_events_count_jobs_to_the_end(stack: Stack, new_key) -> None:  # type: ignore[no-untyped-def]
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {new_key()}"}, timeout=60) as api:
+        body = {"defaults": {"width": 256, "height": 256}, "jobs": [{"prompt": f"b{i}", "seed": i} for i in range(6)]}
+        batch = api.post("/v1/batches", json=body).json()
+        with api.stream("GET", f"/v1/batches/{batch['id']}/events") as answer:
+            got = [e for e in _sse(answer.iter_lines()) if "event" in e]
+        assert all(e["event"] == "batch" for e in got)
+        done = [e["data"]["counts"]["succeeded"] for e in got]
+        assert done == sorted(done) and got[-1]["data"]["status"] == "completed" and done[-1] == 6
+        with api.stream("GET", f"/v1/batches/{batch['id']}/events", headers={"Last-Event-ID": got[-1]["id"]}) as again:
+            assert [e for e in _sse(again.iter_lines()) if "event" in e] == []  # nothing newer: it just ends
