@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -299,3 +300,40 @@ def test_only_one_sweeper_acts_while_another_holds_the_lock(
     assert result.acted and result.requeued >= 1
     assert job_row(db, job_id)["status"] == "queued"
     assert published(redis_client, redis_prefix)[job_id] == before + 1
+
+
+def test_a_batch_committed_while_redis_is_down_runs_once_redis_is_back(
+    redis_down_client: TestClient,
+    key: str,
+    db: Engine,
+    redis_client: redis.Redis,
+    redis_prefix: str,
+    sweep_settings: Settings,
+) -> None:
+    body = {"jobs": [{"prompt": f"outage batch {i}", "width": 256, "height": 256} for i in range(50)]}
+    answer = redis_down_client.post("/v1/batches", json=body, headers=auth(key))
+    assert answer.status_code == 202, answer.text  # a Redis outage does not refuse a batch
+    with db.connect() as conn:
+        ids = list(conn.execute(text("SELECT id FROM jobs WHERE batch_id = :b"), {"b": answer.json()["id"]}).scalars())
+    assert len(ids) == 50
+
+    def undispatched() -> int:
+        with db.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM jobs WHERE id = ANY(:ids) AND dispatched_at IS NULL"), {"ids": ids}
+                ).scalar_one()
+            )
+
+    # The background publish fails and unmarks them (bounded wait), so the outbox owns them now.
+    deadline = time.monotonic() + 20
+    while undispatched() < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert undispatched() == 50
+    assert not set(ids) & set(published(redis_client, redis_prefix))
+    # Redis is back: one sweep publishes each of them once.
+    sweep_once(db, redis_client, sweep_settings)
+    counts = published(redis_client, redis_prefix)
+    assert all(counts[j] == 1 for j in ids) and undispatched() == 0
+    with db.begin() as conn:  # these never run here: leave no backlog for later suites' workers
+        conn.execute(text("DELETE FROM jobs WHERE id = ANY(:ids)"), {"ids": ids})
