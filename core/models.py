@@ -1,4 +1,5 @@
-"""Postgres tables: tenants, API keys, batches, uploads, jobs and workers (SQLAlchemy 2 declarative)."""
+"""Postgres tables: tenants, API keys, batches, uploads, jobs, workers and webhook deliveries (SQLAlchemy 2
+declarative)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,11 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
+    # Signs the tenant's webhooks (``whsec_…``, made on first use). After a rotation the previous secret signs too
+    # until the grace period after ``webhook_secret_rotated_at`` ends (core/webhook_secrets.py).
     webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
+    webhook_secret_rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
     # Fair share: the tenant's share of the accelerators relative to others, and its virtual clock (image tokens
     # served divided by weight); a claim serves the queued tenant with the smallest clock first.
@@ -77,6 +82,9 @@ class Batch(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
     status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="running")
     total: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # Jobs of the batch not yet terminal: each terminal move lowers it in the gate's statement, and the move that
+    # brings it to 0 writes the batch's webhook delivery (core/webhook_outbox.py).
+    open_jobs: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     metadata_: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
     )
@@ -238,6 +246,65 @@ class Worker(Base):
     last_seen_at: Mapped[datetime] = _now()
 
 
+_DELIVERY_STATUSES = "'pending', 'delivering', 'succeeded', 'failed'"
+_UNSETTLED = text("status IN ('pending', 'delivering')")
+
+
+class WebhookDelivery(Base):
+    """One webhook owed to a tenant (the outbox): written in the transaction of the job's terminal move (or of the
+    move that finished its batch), sent by the delivery process (``worker/webhooks.py``) until it succeeds or its
+    retry window ends. ``next_attempt_at`` is also the lease of a ``delivering`` row."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(
+        String(40), primary_key=True, server_default=text("'whd_' || replace(gen_random_uuid()::text, '-', '')")
+    )
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    # What the delivery is about ({"object", "id", ...}); the body itself is rendered fresh at each attempt.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_DELIVERY_STATUSES})", name="ck_webhook_deliveries_status"),
+        CheckConstraint("(job_id IS NULL) <> (batch_id IS NULL)", name="ck_webhook_deliveries_subject"),
+        # The delivery process: what is due, and what is due per endpoint.
+        Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=_UNSETTLED),
+        Index("ix_webhook_deliveries_url_due", "url", "next_attempt_at", postgresql_where=_UNSETTLED),
+        Index("ix_webhook_deliveries_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
+        Index("uq_webhook_deliveries_batch", "batch_id", unique=True, postgresql_where=text("batch_id IS NOT NULL")),
+        Index("ix_webhook_deliveries_tenant", "tenant_id"),
+    )
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: when it started, the HTTP status or the error, how long it took."""
+
+    __tablename__ = "webhook_attempts"
+
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
 # Core tables, for the statements that read better without the ORM (claims, group commits, sweeps).
 jobs = cast(Table, Job.__table__)
 tenants = cast(Table, Tenant.__table__)
@@ -245,3 +312,5 @@ api_keys = cast(Table, ApiKey.__table__)
 batches = cast(Table, Batch.__table__)
 uploads = cast(Table, Upload.__table__)
 workers = cast(Table, Worker.__table__)
+webhook_deliveries = cast(Table, WebhookDelivery.__table__)
+webhook_attempts = cast(Table, WebhookAttempt.__table__)

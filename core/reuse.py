@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, select
+from sqlalchemy import ColumnElement, Select, Update, select
 from sqlalchemy.orm import aliased
 
 from core.models import jobs
@@ -59,9 +59,10 @@ def reuse_key(normalized: Mapping[str, Any], model: str) -> str | None:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def reuse_earlier(tenant_id: str, *, where: Sequence[ColumnElement[bool]]) -> Update:
+def reuse_earlier(tenant_id: str, *, where: Sequence[ColumnElement[bool]]) -> Update | Select[Any]:
     """The gate's move of the queued jobs matching ``where`` whose reuse key already succeeded for the tenant:
-    straight to succeeded, with the newest such job's outputs and its id in ``reused_from``. RETURNING their ids."""
+    straight to succeeded, with the newest such job's outputs and its id in ``reused_from`` (and the webhooks the
+    move owes, like every terminal move). RETURNING their ids."""
     done = aliased(jobs, name="done")
     earlier = (
         select(done.c.reuse_key, done.c.id, done.c.outputs)

@@ -7,19 +7,26 @@ clock; a job given back to the queue loses its worker and its dispatch mark). Th
 own (outputs, error, lease length) and its RETURNING. A write the table forbids matches no row: it changes
 nothing, and its caller learns so from the empty RETURNING.
 
+A terminal move also owes webhooks: ``Move.returning`` builds it as one statement that writes the job's webhook
+delivery (and its batch's, when the move ends the batch) beside the status (``core.webhook_outbox``), so every
+terminal path (worker success and failure, sweeper give-up, cancel, batch cancel, reuse) commits its deliveries
+with its status and none can forget them.
+
 The statement is plain SQLAlchemy Core, so the worker (sync) and the API (async) execute the same thing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import BigInteger, ColumnElement, Update, func, literal, literal_column, tuple_, update
+from sqlalchemy import BigInteger, ColumnElement, Select, Update, func, literal, literal_column, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB
 
 from core.models import jobs
 from core.status import HELD, TERMINAL, JobStatus, can_move, sources_of
+from core.webhook_outbox import with_deliveries
 
 
 class Attempt(Protocol):
@@ -30,6 +37,21 @@ class Attempt(Protocol):
 
     @property
     def attempt(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Move:
+    """A status move the gate built: ``returning`` makes the statement to execute."""
+
+    update: Update  # the UPDATE of the jobs rows alone (what the move changes in ``jobs``)
+    to: JobStatus
+
+    def returning(self, *columns: Any) -> Update | Select[Any]:
+        """The statement of the move, returning ``columns`` of each moved row (a table: all its columns). A
+        terminal move writes the webhook deliveries it owes in the same statement."""
+        if self.to in TERMINAL:
+            return with_deliveries(self.update, columns)
+        return self.update.returning(*columns)
 
 
 def _ms_between(start: Any, end: Any) -> ColumnElement[Any]:
@@ -71,8 +93,8 @@ def transition(
     where: Sequence[ColumnElement[bool]] = (),
     values: Mapping[str, Any] | None = None,
     timings: Mapping[str, Any] | None = None,
-) -> Update:
-    """The UPDATE that moves jobs to ``to`` from every status the state machine allows it from.
+) -> Move:
+    """The move of jobs to ``to`` from every status the state machine allows it from.
 
     ``fence``: the claimed attempts of a worker's write; only those (id, attempt) pairs match, and only while
     the job is held (``running``): a stale worker's late write changes nothing. Without a fence, ``where``
@@ -108,4 +130,4 @@ def transition(
         if to not in TERMINAL:
             raise ValueError("timings are recorded when a job ends")
         entering["timings"] = entering["timings"].op("||")(literal(dict(timings), JSONB))
-    return update(jobs).where(jobs.c.status.in_(sources), *conditions, *where).values({**entering, **own})
+    return Move(update(jobs).where(jobs.c.status.in_(sources), *conditions, *where).values({**entering, **own}), to)

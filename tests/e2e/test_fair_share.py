@@ -105,4 +105,4 @@ def test_a_single_job_starts_within_two_batches_of_another_tenants_flood(
     finally:
         # Later tests in this database must find the queue empty: what is left of the flood is canceled.
         with db.begin() as conn:
-            conn.execute(transition(JobStatus.CANCELED, where=[jobs.c.tenant_id == flooder_id]))
+            conn.execute(transition(JobStatus.CANCELED, where=[jobs.c.tenant_id == flooder_id]).returning(jobs.c.id))

@@ -177,8 +177,8 @@ def test_the_sweeper_moves_an_expired_lease_only_where_the_table_allows(
 
 
 def _sources(statement: Any) -> set[str]:
-    """The statuses an UPDATE's WHERE lets it move from."""
-    sql = str(statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    """The statuses a move's UPDATE lets it move from."""
+    sql = str(statement.update.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
     found = re.search(r"jobs\.status IN \(([^)]*)\)", sql)
     assert found, sql
     return {s.strip().strip("'") for s in found.group(1).split(",")}
