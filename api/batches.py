@@ -24,17 +24,19 @@ from api.jobs import list_jobs
 from api.resources import Resources
 from api.submit import dispatch
 from core import errors, events, ids
+from core.batch_object import batch_object as core_batch_object
+from core.batch_object import counts_query, tally
 from core.batch_request import BatchSubmission, refusal
 from core.events import EVENT_COLUMNS
 from core.image_refs import check_batch_refs
 from core.job_object import rfc3339
-from core.links import gallery_url
 from core.models import batches, jobs
 from core.reuse import model_identity, reuse_earlier
 from core.schemas import JobRequest
 from core.status import TERMINAL, JobStatus
 from core.submission import build_job_row
 from core.transition import transition
+from core.webhook_urls import webhook_url_problems
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,9 @@ async def create_batch(
                             id=batch_id,
                             tenant_id=tenant_id,
                             total=len(submission.items),
+                            open_jobs=len(submission.items),  # each job's terminal move counts it down
                             metadata=submission.metadata,
+                            webhook_url=submission.webhook_url,
                             idempotency_key=idempotency_key,
                             request_hash=digest if idempotency_key is not None else None,
                         )
@@ -101,6 +105,7 @@ async def create_batch(
             raise errors.Conflict("a batch with this Idempotency-Key is being created; retry shortly") from None
         try:
             written = await _copy_jobs(conn, res, tenant_id, batch_id, submission)
+            await _check_webhooks(res, submission, written)
             if any(job.request.kind == "edit" for job in written):
                 await check_batch_refs(
                     conn, tenant_id, [job.request for job in written], allow_hosts=res.settings.fetch_allow_hosts
@@ -195,6 +200,15 @@ async def _copy_jobs(
     return written
 
 
+async def _check_webhooks(res: Resources, submission: BatchSubmission, written: list[_Written]) -> None:
+    """Refuse the batch when its webhook or a job's names a URL the service may not call (each URL checked once;
+    ``written`` holds every job, in index order, once the COPY found no bad one)."""
+    hooks: list[tuple[int | None, str]] = [(None, submission.webhook_url)] if submission.webhook_url else []
+    hooks += [(i, str(job.request.webhook_url)) for i, job in enumerate(written) if job.request.webhook_url]
+    if hooks and (problems := await webhook_url_problems(hooks, res.settings)):
+        raise refusal(problems)
+
+
 async def _publish(res: Resources, pairs: list[tuple[str, str]]) -> None:
     """Publish committed jobs in pipelined groups; a group Redis refuses is left to the sweeper."""
     for start in range(0, len(pairs), PUBLISH_GROUP):
@@ -230,17 +244,7 @@ async def _owned(conn: AsyncConnection, tenant_id: str, batch_id: str) -> Any:
 
 async def _render(conn: AsyncConnection, res: Resources, row: Any) -> dict[str, Any]:
     """A batch row with its jobs' counts by status, read in one grouped query."""
-    found = await conn.execute(
-        select(jobs.c.status, func.count(), func.max(jobs.c.finished_at))
-        .where(jobs.c.batch_id == row["id"])
-        .group_by(jobs.c.status)
-    )
-    counts: dict[str, int] = {}
-    finished = None
-    for status, count, last in found:
-        counts[status] = int(count)
-        if last is not None and (finished is None or last > finished):
-            finished = last
+    counts, finished = tally(await conn.execute(counts_query(row["id"])))
     return batch_object(res, row, counts, finished_at=finished)
 
 
@@ -248,20 +252,7 @@ def batch_object(
     res: Resources, row: Any, counts: dict[str, int], *, finished_at: datetime | None
 ) -> dict[str, Any]:
     """The API's view of a batch: its counts by status, and its status derived from them."""
-    full = {status.value: counts.get(status.value, 0) for status in JobStatus}
-    active = full[JobStatus.QUEUED] + full[JobStatus.RUNNING]
-    status = "canceled" if row["status"] == "canceled" else "running" if active else "completed"
-    return {
-        "id": row["id"],
-        "object": "batch",
-        "status": status,
-        "counts": {"total": row["total"], **full},
-        "created_at": rfc3339(row["created_at"]),
-        "finished_at": rfc3339(finished_at) if not active and finished_at is not None else None,
-        "metadata": row["metadata"],
-        # A fresh signed link a browser can open without the API key (short-lived; see core/links.py).
-        "gallery_url": gallery_url(res.settings, row["tenant_id"], row["id"]),
-    }
+    return core_batch_object(res.settings, row, counts, finished_at=finished_at)
 
 
 async def get_batch(res: Resources, *, tenant_id: str, batch_id: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import HttpUrl, TypeAdapter, ValidationError
 
 from core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from core.schemas import JobRequest, error_details, metadata_problem
@@ -22,15 +22,18 @@ JSON_TYPES = ("application/json",)
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/jsonlines")
 _TOP_LEVEL = {"defaults", "jobs", "metadata", "webhook_url"}
 MAX_DETAILS = 1000  # problems listed in one refusal; the message says how many there were
+_URL: TypeAdapter[HttpUrl] = TypeAdapter(HttpUrl)
 
 
 @dataclass(frozen=True)
 class BatchSubmission:
-    """A batch whose body parsed: its jobs as sent, the defaults under them, and the batch's own metadata."""
+    """A batch whose body parsed: its jobs as sent, the defaults under them, the batch's own metadata and the
+    webhook called when it completes or is canceled (its shape checked; the submit checks where it points)."""
 
     items: list[Any]
     defaults: dict[str, Any]
     metadata: dict[str, Any]
+    webhook_url: str | None = None
 
     def check(self, index: int) -> JobRequest | list[dict[str, Any]]:
         """Job ``index`` as a request with the defaults applied, or its problems (each naming ``index``)."""
@@ -69,9 +72,10 @@ def parse_batch(body: bytes, content_type: str, *, max_jobs: int) -> BatchSubmis
     if media in NDJSON_TYPES:
         defaults: dict[str, Any] = {}
         metadata: dict[str, Any] = {}
+        webhook_url = None
         items = _ndjson_lines(body)
     elif media in JSON_TYPES or not media:
-        defaults, items, metadata = _json_body(body)
+        defaults, items, metadata, webhook_url = _json_body(body)
     else:
         raise UnsupportedMediaType(
             "send the batch as application/json or application/x-ndjson",
@@ -84,11 +88,11 @@ def parse_batch(body: bytes, content_type: str, *, max_jobs: int) -> BatchSubmis
             f"a batch holds at most {max_jobs} jobs, this one has {len(items)}",
             [{"field": "jobs", "message": f"at most {max_jobs} jobs"}],
         )
-    return BatchSubmission(items, defaults, metadata)
+    return BatchSubmission(items, defaults, metadata, webhook_url)
 
 
-def _json_body(body: bytes) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
-    """``defaults``, ``jobs`` and ``metadata`` of a JSON batch body."""
+def _json_body(body: bytes) -> tuple[dict[str, Any], list[Any], dict[str, Any], str | None]:
+    """``defaults``, ``jobs``, ``metadata`` and ``webhook_url`` of a JSON batch body."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -105,11 +109,15 @@ def _json_body(body: bytes) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
         problems.append({"field": "metadata", "message": "must be an object"})
     elif (problem := metadata_problem(metadata)) is not None:
         problems.append({"field": "metadata", "message": problem})
-    if data.get("webhook_url") is not None:
-        problems.append({"field": "webhook_url", "message": "webhooks are not served yet; poll the batch"})
+    webhook_url = data.get("webhook_url")
+    if webhook_url is not None:
+        try:
+            webhook_url = str(_URL.validate_python(webhook_url, strict=True))
+        except ValidationError as exc:
+            problems.append({"field": "webhook_url", "message": exc.errors(include_url=False)[0]["msg"]})
     if problems:
         raise ValidationFailed(_summary(problems), problems)
-    return defaults, items, metadata  # type: ignore[return-value]
+    return defaults, items, metadata, webhook_url  # type: ignore[return-value]
 
 
 def _ndjson_lines(body: bytes) -> list[Any]:

@@ -166,7 +166,7 @@ def fetch_url(
         trust_env=False, follow_redirects=False, verify=ssl_context if ssl_context is not None else True
     ) as client:
         for _hop in range(max_redirects + 1):
-            address = _checked_address(current, field=field, allow_hosts=allow_hosts)
+            address = checked_address(current, field=field, allow_hosts=allow_hosts)
             request = _pinned_request(client, current, address, deadline, field)
             try:
                 response = client.send(request, stream=True)
@@ -188,8 +188,9 @@ def fetch_url(
     raise _refused(field, f"redirected more than {max_redirects} times")
 
 
-def _checked_address(url: httpx.URL, *, field: str, allow_hosts: Collection[str]) -> str:
-    """Resolve the URL's host once and return the address to connect to, refusing non-public ones."""
+def checked_address(url: httpx.URL, *, field: str, allow_hosts: Collection[str]) -> str:
+    """Resolve the URL's host once and return the address to connect to, refusing non-public ones (unless the
+    host is allow-listed); ValidationFailed naming ``field``. Blocks on DNS: call it off an event loop."""
     host = url.raw_host.decode("ascii")
     port = url.port or (443 if url.scheme == "https" else 80)
     if _is_ip(host):
@@ -210,13 +211,9 @@ def _checked_address(url: httpx.URL, *, field: str, allow_hosts: Collection[str]
     return addresses[0]
 
 
-def _pinned_request(
-    client: httpx.Client, url: httpx.URL, address: str, deadline: float, field: str
-) -> httpx.Request:
-    """A GET of ``url`` sent to ``address``, with the name kept in the Host header and TLS SNI."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise _refused(field, "took too long (redirects)")
+def pinned(url: httpx.URL, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, object]]:
+    """What sends a request for ``url`` to the checked ``address``: the URL naming the address, the Host header
+    keeping the name, and the request extensions that keep the name for TLS (SNI and the certificate check)."""
     host = url.raw_host.decode("ascii")
     name = f"[{host}]" if ":" in host else host  # an IPv6 literal is bracketed in a Host header
     host_header = name if url.port is None else f"{name}:{url.port}"
@@ -225,12 +222,19 @@ def _pinned_request(
         # httpcore hands this to the TLS layer as server_hostname: SNI and certificate checks use the name
         # even though the TCP connection goes to the pinned IP.
         extensions["sni_hostname"] = host
+    return url.copy_with(host=address.split("%", 1)[0]), {"Host": host_header}, extensions
+
+
+def _pinned_request(
+    client: httpx.Client, url: httpx.URL, address: str, deadline: float, field: str
+) -> httpx.Request:
+    """A GET of ``url`` sent to ``address``, with the name kept in the Host header and TLS SNI."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _refused(field, "took too long (redirects)")
+    target, host, extensions = pinned(url, address)
     return client.build_request(
-        "GET",
-        url.copy_with(host=address.split("%", 1)[0]),
-        headers={**_HEADERS, "Host": host_header},
-        timeout=httpx.Timeout(remaining),
-        extensions=extensions,
+        "GET", target, headers={**_HEADERS, **host}, timeout=httpx.Timeout(remaining), extensions=extensions
     )
 
 

@@ -93,8 +93,9 @@ class LoraRef(_Strict):
 class JobRequest(_Strict):
     """A job request (POST /v1/jobs, and each line of a batch), exactly as API.md specifies it.
 
-    ``webhook_url`` and ``loras`` keep their shape so clients stay compatible, but until webhooks and adapters
-    are served a request that sets either is refused naming the field (a non-null URL, a non-empty list).
+    ``loras`` keeps its shape so clients stay compatible, but until adapters are served a non-empty list is
+    refused naming the field. ``webhook_url`` is checked here for its shape only: whether its scheme and host may
+    be called is the submit's check (``core.webhook_urls``, which knows the allow-list and resolves the name).
     """
 
     kind: Literal["generate", "edit"] = "generate"
@@ -113,7 +114,10 @@ class JobRequest(_Strict):
     mask: ImageRef | None = Field(None, validate_default=True)
     strength: float = Field(0.6, ge=0, le=1)
     priority: int = Field(5, ge=0, le=9)
-    webhook_url: HttpUrl | None = Field(None, description="Refused until webhooks are served: poll the job.")
+    webhook_url: HttpUrl | None = Field(
+        None,
+        description="Called (a signed POST of the job object) when the job ends; https, a public address.",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
     loras: list[LoraRef] = Field(
         default_factory=list, max_length=3, description="Refused when non-empty until adapters are served."
@@ -139,16 +143,6 @@ class JobRequest(_Strict):
     def _no_nul(cls, v: str | None) -> str | None:
         if v is not None and "\x00" in v:
             raise ValueError("negative_prompt must not contain NUL characters")
-        return v
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _webhook_not_served(cls, v: HttpUrl | None) -> HttpUrl | None:
-        if v is not None and v.scheme != "https":
-            raise ValueError("webhook_url must be an https URL")
-        if v is not None:
-            # Nothing would ever call it: refuse rather than store a promise the service does not keep.
-            raise ValueError("webhooks are not served yet; poll GET /v1/jobs/{id}")
         return v
 
     @field_validator("loras")

@@ -63,6 +63,23 @@ class Settings(BaseSettings):
     fetch_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     fetch_max_redirects: int = Field(3, ge=0, le=10)
 
+    # --- webhooks (sent by the delivery process, worker/webhooks.py) ---
+    # Hosts webhook URLs may name even when they resolve to private addresses ("name", "*.domain" or an IP); outside
+    # production such a host may also be plain http (loopback receivers in tests and local runs).
+    webhook_allow_hosts: list[str] = Field(default_factory=list)
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60)
+    # Retries: attempt n waits uniform(0, min(max, base * 6**(n-1))) (exponential backoff, full jitter), until the
+    # delivery is older than retry_for_s; then it is failed.
+    webhook_retry_base_s: float = Field(5.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    webhook_retry_for_s: float = Field(86400.0, ge=0)
+    # After `zimage-admin webhook-secret rotate`, the previous secret also signs for this long.
+    webhook_secret_grace_s: float = Field(86400.0, ge=0)
+    # The delivery process is woken by Postgres NOTIFY when deliveries commit; it also looks for due retries this
+    # often, and sends to at most this many endpoints at once (one delivery in flight per endpoint).
+    webhook_poll_s: float = Field(1.0, gt=0, le=60)
+    webhook_concurrency: int = Field(64, ge=1, le=1024)
+
     # --- batching ---
     # A cap on images per pipeline call; the token budget below is what normally bounds a batch.
     max_batch_images: int = Field(32, ge=1, le=64)

@@ -13,6 +13,7 @@ from api.submit import submit_job
 from core import errors
 from core.image_refs import check_refs
 from core.schemas import ErrorBody, JobObject, JobPage, JobRequest
+from core.webhook_urls import check_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -40,6 +41,8 @@ async def create_job(
             "instruct edits need an Edit checkpoint, and this service has none configured",
             [{"field": "mode", "message": "instruct edits are not available here; use img2img or inpaint"}],
         )
+    if req.webhook_url is not None:  # https and a public address (SSRF), checked before anything is written
+        await check_webhook_url(str(req.webhook_url), res.settings)
     if req.kind == "edit":
         async with res.db.connect() as conn:
             await check_refs(conn, tenant, req, allow_hosts=res.settings.fetch_allow_hosts)

@@ -319,14 +319,9 @@ def test_each_field_rule_is_a_422_naming_the_field(
 @pytest.mark.parametrize(
     ("extra", "field", "message"),
     [
-        (
-            {"webhook_url": "https://hooks.example.com/zimage"},
-            "webhook_url",
-            "webhooks are not served yet; poll GET /v1/jobs/{id}",
-        ),
         ({"loras": [{"adapter_id": "lora_0123456789abcdef"}]}, "loras", "adapters are not served yet"),
     ],
-    ids=["webhook", "loras"],
+    ids=["loras"],
 )
 def test_surface_that_is_not_served_is_a_422_and_creates_nothing(
     client: TestClient, key: str, db: Engine, extra: dict[str, Any], field: str, message: str
