@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
 import tempfile
 import threading
@@ -24,15 +23,13 @@ import psycopg
 import redis
 from sqlalchemy import text
 
+from bench.api_stack import api_under_test
 from core import ids
-from core.admin import create_key, migrate
-from core.db import drop_database, make_engine
+from core.db import make_engine
 from core.queue import broker_key, publish
 from core.schemas import JobRequest
 from core.settings import Settings
 from core.submission import build_job_row
-from deploy.seaweed import SeaweedServer
-from deploy.stack import Stack, free_port
 
 _COLUMNS = "id, tenant_id, batch_id, batch_index, kind, queue, group_key, cost_tokens, priority, request, metadata," \
     " max_attempts, dispatched_at"
@@ -155,28 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/batch.json")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="zimage-batch-bench-"))
-    database = f"postgresql+psycopg://postgres@127.0.0.1:5432/zimage_bench_{secrets.token_hex(3)}"
-    prefix = f"bench-{secrets.token_hex(4)}:"
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    broker = broker_key(prefix, "generate")
     body = batch_body(args.jobs)
     raw = json.dumps(body).encode()
-    with SeaweedServer(work / "s3", access_key="bench", secret_key=secrets.token_urlsafe(16),
-                       bucket="bench-results") as s3:  # fmt: skip
-        settings = Settings(database_url=database, redis_prefix=prefix, s3_endpoint_url=s3.endpoint_url,
-                            s3_bucket=s3.bucket, s3_access_key_id=s3.access_key,
-                            s3_secret_access_key=s3.secret_key)  # fmt: skip
-        migrate(settings)
-        stack = Stack(settings, work / "stack", api_port=free_port(), s3_port=None)
-        stack.run_dir.mkdir(parents=True, exist_ok=True)
-        key = create_key(settings, "bench")
+    with api_under_test(work) as under:
+        settings, client, prefix = under.settings, under.redis, under.settings.redis_prefix
+        broker = broker_key(prefix, "generate")
         db = make_engine(settings, pool_size=1)
         with db.connect() as conn:
-            tenant_id = conn.execute(text("SELECT id FROM tenants WHERE name = 'bench'")).scalar_one()
+            tenant_id = conn.execute(text("SELECT id FROM tenants WHERE name = :t"), {"t": under.tenant}).scalar_one()
         db.dispose()
-        stack.start_api()
-        try:
-            api = httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        with httpx.Client(base_url=under.url, headers={"Authorization": f"Bearer {under.key}"}, timeout=120) as api:
             service(api, json.dumps(batch_body(200)).encode(), client, broker)  # warm the process up
             refs, accepts, alls, batch_id = [], [], [], ""
             for _ in range(args.rounds):
@@ -186,13 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 accepted, everything, batch_id = service(api, raw, client, broker)
                 accepts.append(accepted)
                 alls.append(everything)
-            pid = stack.pids()["api"]
-            shown = manifest(api, settings, batch_id, pid)
-        finally:
-            stack.stop()
-            for k in client.scan_iter(f"{prefix}*"):
-                client.delete(k)
-            drop_database(database)
+            shown = manifest(api, settings, batch_id, under.pid)
     result = {
         "jobs": args.jobs,
         "body_mib": round(len(raw) / 2**20, 2),

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import re
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -30,12 +29,10 @@ import httpx
 import redis
 from sqlalchemy import text
 
+from bench.api_stack import api_under_test
 from core import events, lifecycle
-from core.admin import create_key, migrate
-from core.db import drop_database, make_engine
+from core.db import make_engine
 from core.settings import Settings
-from deploy.seaweed import SeaweedServer
-from deploy.stack import Stack, free_port
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _LUA = """
@@ -153,60 +150,43 @@ def drive(settings: Settings, client: redis.Redis, queue: str, rate: float) -> d
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    database = f"postgresql+psycopg://postgres@127.0.0.1:5432/zimage_bench_{secrets.token_hex(3)}"
-    prefix = f"bench-{secrets.token_hex(4)}:"
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
     result: dict[str, Any] = {"streams": args.streams}
-    with SeaweedServer(work / "s3", access_key="bench", secret_key=secrets.token_urlsafe(16),
-                       bucket="bench-results") as s3:  # fmt: skip
-        settings = Settings(database_url=database, redis_prefix=prefix, s3_endpoint_url=s3.endpoint_url,
-                            s3_bucket=s3.bucket, s3_access_key_id=s3.access_key,
-                            s3_secret_access_key=s3.secret_key)  # fmt: skip
-        migrate(settings)
-        stack = Stack(settings, work / "stack", api_port=free_port(), s3_port=None)
-        stack.run_dir.mkdir(parents=True, exist_ok=True)
-        key = create_key(settings, "bench")
-        stack.start_api()
-        pid = stack.pids()["api"]
-        try:
-            async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}) as api:
-                body = {"defaults": {"width": 256, "height": 256, "steps": 2},
-                        "jobs": [{"prompt": f"stream {i}", "seed": i} for i in range(args.streams)]}  # fmt: skip
-                batch = (await api.post("/v1/batches", json=body, timeout=60)).json()
-            db = make_engine(settings, pool_size=1)
-            with db.begin() as conn:  # the batch runs in its own queue, so wrk's jobs never mix in
-                conn.execute(text("UPDATE jobs SET queue = 'events-bench' WHERE batch_id = :b"), {"b": batch["id"]})
-                query = text("SELECT id FROM jobs WHERE batch_id = :b ORDER BY batch_index")
-                job_ids = [r[0] for r in conn.execute(query, {"b": batch["id"]})]
-            db.dispose()
-            time.sleep(1)
-            result["submit_without_streams"] = submit_rate(stack.api_url, key, work, args.wrk_s)
-            rss_before = _rss_mib(pid)
-            streams = Streams(stack.api_url, key, job_ids)
-            await streams.open()
-            await asyncio.sleep(2)
-            rss_open = _rss_mib(pid)
-            cpu0, wall0 = _cpu_s(pid), time.monotonic()
-            await asyncio.sleep(args.idle_s)
-            idle_cpu = (_cpu_s(pid) - cpu0) / (time.monotonic() - wall0)
-            loop = asyncio.get_running_loop()
-            result["submit_with_streams"] = await loop.run_in_executor(
-                None, submit_rate, stack.api_url, key, work, args.wrk_s
-            )
-            committed = await loop.run_in_executor(None, drive, settings, client, "events-bench", args.rate)
-            deadline = time.monotonic() + 30
-            while streams.ended < len(job_ids) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            # Each event a stream received, against the commit of the write it reports (a stream that was sent a
-            # newer state first drops the older events: those are not counted, nor missing).
-            delays = [(streams.arrived[k] - at) * 1000 for k, at in committed.items() if k in streams.arrived]
-            ended = sum(1 for j in job_ids if (j, -1) in streams.arrived)
-            await streams.close()
-        finally:
-            stack.stop()
-            for k in client.scan_iter(f"{prefix}*"):
-                client.delete(k)
-            drop_database(database)
+    with api_under_test(work) as under:
+        settings, client, key, pid = under.settings, under.redis, under.key, under.pid
+        url = under.url
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as api:
+            body = {"defaults": {"width": 256, "height": 256, "steps": 2},
+                    "jobs": [{"prompt": f"stream {i}", "seed": i} for i in range(args.streams)]}  # fmt: skip
+            batch = (await api.post("/v1/batches", json=body, timeout=60)).json()
+        db = make_engine(settings, pool_size=1)
+        with db.begin() as conn:  # the batch runs in its own queue, so wrk's jobs never mix in
+            conn.execute(text("UPDATE jobs SET queue = 'events-bench' WHERE batch_id = :b"), {"b": batch["id"]})
+            query = text("SELECT id FROM jobs WHERE batch_id = :b ORDER BY batch_index")
+            job_ids = [r[0] for r in conn.execute(query, {"b": batch["id"]})]
+        db.dispose()
+        time.sleep(1)
+        result["submit_without_streams"] = submit_rate(url, key, work, args.wrk_s)
+        rss_before = _rss_mib(pid)
+        streams = Streams(url, key, job_ids)
+        await streams.open()
+        await asyncio.sleep(2)
+        rss_open = _rss_mib(pid)
+        cpu0, wall0 = _cpu_s(pid), time.monotonic()
+        await asyncio.sleep(args.idle_s)
+        idle_cpu = (_cpu_s(pid) - cpu0) / (time.monotonic() - wall0)
+        loop = asyncio.get_running_loop()
+        result["submit_with_streams"] = await loop.run_in_executor(
+            None, submit_rate, url, key, work, args.wrk_s
+        )
+        committed = await loop.run_in_executor(None, drive, settings, client, "events-bench", args.rate)
+        deadline = time.monotonic() + 30
+        while streams.ended < len(job_ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        # Each event a stream received, against the commit of the write it reports (a stream that was sent a
+        # newer state first drops the older events: those are not counted, nor missing).
+        delays = [(streams.arrived[k] - at) * 1000 for k, at in committed.items() if k in streams.arrived]
+        ended = sum(1 for j in job_ids if (j, -1) in streams.arrived)
+        await streams.close()
     delays.sort()
     result.update(
         api_rss_mib={"before": round(rss_before), "streams_open": round(rss_open),
