@@ -67,7 +67,7 @@ def fresh(settings: Settings, client: redis.Redis, prefix: str) -> None:
     """Empty the job tables and this run's Redis keys, so rounds do not grow each other's indexes."""
     db = make_engine(settings, pool_size=1)
     with db.begin() as conn:
-        conn.execute(text("TRUNCATE jobs"))
+        conn.execute(text("TRUNCATE jobs CASCADE"))
         conn.execute(text("DELETE FROM batches"))
     with db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE jobs"))
