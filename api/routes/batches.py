@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from api import batches as batch_ops
 from api import jobs as job_ops
 from api.deps import ResourcesDep, TenantDep
+from api.routes.jobs import StatusFilter
 from core import errors
 from core.batch_request import parse_batch
 from core.schemas import ErrorBody, JobPage
@@ -20,7 +21,6 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429, 503)
 }
-StatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
 _BATCH_BODY = {
     "requestBody": {
         "required": True,
