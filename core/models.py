@@ -1,15 +1,16 @@
-"""Postgres tables: tenants, API keys, batches, uploads, jobs, workers and webhook deliveries (SQLAlchemy 2
-declarative)."""
+"""Postgres tables: tenants (and their usage), API keys, batches, uploads, jobs, workers and webhook deliveries
+(SQLAlchemy 2 declarative)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -50,14 +51,41 @@ class Tenant(Base):
     webhook_secret: Mapped[str | None] = mapped_column(String(100))
     webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
     webhook_secret_rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Overrides of the settings' request rate and quotas (core/quotas.py): NULL takes the default, 0 is no limit.
+    rate_limit_rps: Mapped[int | None] = mapped_column(Integer)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_batch_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_images_per_day: Mapped[int | None] = mapped_column(Integer)
     # Fair share: the tenant's share of the accelerators relative to others, and its virtual clock (image tokens
     # served divided by weight); a claim serves the queued tenant with the smallest clock first.
     weight: Mapped[float] = mapped_column(Float, nullable=False, server_default="1")
     vclock: Mapped[float] = mapped_column(Float, nullable=False, server_default="0")
     created_at: Mapped[datetime] = _now()
 
-    __table_args__ = (CheckConstraint("weight > 0", name="ck_tenants_weight"),)
+    __table_args__ = (
+        CheckConstraint("weight > 0", name="ck_tenants_weight"),
+        CheckConstraint(
+            "rate_limit_rps >= 0 AND max_queued_jobs >= 0 AND max_batch_jobs >= 0 AND max_images_per_day >= 0",
+            name="ck_tenants_limits",
+        ),
+    )
+
+
+class TenantUsage(Base):
+    """What a tenant's quotas are checked against (core/quotas.py): its images of the current UTC day, and the
+    jobs it submitted since its open (queued + running) jobs were last counted, so that most submits need no
+    count. The row is also the lock that orders one tenant's concurrent submits."""
+
+    __tablename__ = "tenant_usage"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, nullable=False, server_default=text("(now() AT TIME ZONE 'UTC')::date"))
+    images: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    submitted: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # The last count of open jobs, and ``submitted`` then: open now <= open_at_check + submitted since.
+    open_at_check: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    submitted_at_check: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ApiKey(Base):
@@ -309,6 +337,7 @@ class WebhookAttempt(Base):
 jobs = cast(Table, Job.__table__)
 tenants = cast(Table, Tenant.__table__)
 api_keys = cast(Table, ApiKey.__table__)
+tenant_usage = cast(Table, TenantUsage.__table__)
 batches = cast(Table, Batch.__table__)
 uploads = cast(Table, Upload.__table__)
 workers = cast(Table, Worker.__table__)
