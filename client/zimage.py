@@ -1,38 +1,34 @@
-"""``ZImageClient``: submit jobs and batches, poll them to the end, read manifests, download images (httpx, sync)."""
+"""``ZImageClient``: the repository's first client, kept for the callers written against it (tests, benches).
+
+New code uses the SDK, ``zimage_client.Client`` (``client/src/zimage_client``). This adapter runs on it, so
+requests and error mapping are the SDK's, but it keeps its old behaviour exactly: no retries, no automatic
+Idempotency-Key, ``wait`` and ``wait_batch`` poll at a fixed interval and raise ``TimeoutError``, ``download``
+returns bytes (now verified against the output's sha256).
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import httpx
+from zimage_client import Client, RetryPolicy, ZImageError
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
-
-class ApiError(Exception):
-    """The API answered with an error body; ``status`` and ``code`` say which."""
-
-    def __init__(self, status: int, code: str, message: str, details: list[Any]) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.details = details
+# The error every call raises: the SDK's root, with ``status``, ``code``, ``message`` and ``details``.
+ApiError = ZImageError
 
 
 class ZImageClient:
     """A client bound to one API URL and key."""
 
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0) -> None:
-        self._http = httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
-        )
+        self._client = Client(base_url, api_key, timeout=timeout, retry=RetryPolicy(attempts=1))
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        """Close the connection pools."""
+        self._client.close()
 
     def __enter__(self) -> ZImageClient:
         return self
@@ -40,36 +36,26 @@ class ZImageClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _json(self, response: httpx.Response) -> Any:
-        if response.status_code >= 400:
-            try:
-                err = response.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                err = {"code": "http_error", "message": response.text[:200], "details": []}
-            raise ApiError(response.status_code, err["code"], err["message"], err.get("details", []))
-        return response.json()
-
     def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
         """POST /v1/jobs; the queued job object."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._json(self._http.post("/v1/jobs", json=request, headers=headers))
+        return dict(self._client.request("POST", "/v1/jobs", json=request, headers=headers))
 
     def upload(self, data: bytes, filename: str = "image.png", content_type: str = "image/png") -> dict[str, Any]:
         """POST /v1/uploads (an input image for edit jobs); the upload object."""
-        files = {"file": (filename, data, content_type)}
-        return self._json(self._http.post("/v1/uploads", files=files))
+        return dict(self._client.upload(data, filename=filename, content_type=content_type))
 
     def get(self, job_id: str) -> dict[str, Any]:
         """GET /v1/jobs/{id}."""
-        return self._json(self._http.get(f"/v1/jobs/{job_id}"))
+        return dict(self._client.get(job_id))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """POST /v1/jobs/{id}/cancel."""
-        return self._json(self._http.post(f"/v1/jobs/{job_id}/cancel"))
+        return dict(self._client.cancel(job_id))
 
     def list(self, **params: Any) -> dict[str, Any]:
         """GET /v1/jobs with filters (status, batch_id, limit, cursor)."""
-        return self._json(self._http.get("/v1/jobs", params=params))
+        return dict(self._client.list_jobs(**params))
 
     def wait(
         self, job_ids: Iterable[str], *, timeout_s: float = 600.0, poll_s: float = 0.25, on_update: Any = None
@@ -101,15 +87,15 @@ class ZImageClient:
         """POST /v1/batches (all or nothing); the batch object."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"defaults": defaults or {}, "jobs": list(jobs), "metadata": metadata or {}}
-        return self._json(self._http.post("/v1/batches", json=body, headers=headers))
+        return dict(self._client.request("POST", "/v1/batches", json=body, headers=headers))
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:
         """GET /v1/batches/{id}: the batch with its counts."""
-        return self._json(self._http.get(f"/v1/batches/{batch_id}"))
+        return dict(self._client.get_batch(batch_id))
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         """POST /v1/batches/{id}/cancel: every job not yet terminal is canceled."""
-        return self._json(self._http.post(f"/v1/batches/{batch_id}/cancel"))
+        return dict(self._client.cancel_batch(batch_id))
 
     def wait_batch(
         self, batch_id: str, *, timeout_s: float = 900.0, poll_s: float = 0.5, on_update: Any = None
@@ -128,16 +114,9 @@ class ZImageClient:
 
     def iter_manifest(self, batch_id: str) -> Iterator[dict[str, Any]]:
         """GET /v1/batches/{id}/manifest, one job at a time as it streams."""
-        with self._http.stream("GET", f"/v1/batches/{batch_id}/manifest") as response:
-            if response.status_code >= 400:
-                response.read()
-                self._json(response)
-            for line in response.iter_lines():
-                if line:
-                    yield json.loads(line)
+        for line in self._client.iter_manifest(batch_id):
+            yield dict(line)
 
     def download(self, output: dict[str, Any]) -> bytes:
-        """The bytes of one output image, through its presigned URL."""
-        response = httpx.get(output["url"], timeout=60)
-        response.raise_for_status()
-        return response.content
+        """The bytes of one output image, through its presigned URL, checked against its sha256."""
+        return self._client.read_output(output)

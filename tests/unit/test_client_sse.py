@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from zimage_client import AsyncClient, Client, NotFound, PollBackoff, WaitTimeout
 from zimage_client.sse import ServerSentEvent, iter_events
 
