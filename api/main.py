@@ -18,7 +18,7 @@ from api.auth import KeyCache
 from api.events import EventHub
 from api.multipart import MULTIPART_OVERHEAD
 from api.resources import Resources
-from api.routes import batches, events, health, jobs, uploads
+from api.routes import batches, events, health, jobs, uploads, webhooks
 from api.routes.gallery import router as gallery_router
 from api.submit import GroupCommitter
 from core import storage
@@ -162,6 +162,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(events.router)
     app.include_router(gallery_router)
     app.include_router(uploads.router)
+    app.include_router(webhooks.router)
     # Uploads carry images up to 20 MiB (their route streams with its own hard cap); JSON bodies stay small.
     upload_limit = MAX_IMAGE_BYTES + MULTIPART_OVERHEAD
     app.add_middleware(

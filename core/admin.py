@@ -1,5 +1,5 @@
 """``zimage-admin``: operator commands (migrate the database, create and revoke API keys, set a tenant's
-fair-share weight)."""
+fair-share weight, show and rotate a tenant's webhook signing secret)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import insert, select, update
 from sqlalchemy.sql import func
 
-from core import apikeys, ids
+from core import apikeys, ids, webhook_secrets
 from core.db import create_database_if_missing, make_engine
 from core.models import api_keys, tenants
 from core.settings import Settings
@@ -40,7 +40,9 @@ def create_key(settings: Settings, tenant_name: str) -> str:
             tenant_id = conn.execute(select(tenants.c.id).where(tenants.c.name == tenant_name)).scalar()
             if tenant_id is None:
                 tenant_id = ids.tenant_id()
-                conn.execute(insert(tenants).values(id=tenant_id, name=tenant_name))
+                conn.execute(
+                    insert(tenants).values(id=tenant_id, name=tenant_name, webhook_secret=webhook_secrets.new_secret())
+                )
             conn.execute(
                 insert(api_keys).values(
                     id=ids.key_id(),
@@ -83,6 +85,20 @@ def set_weight(settings: Settings, tenant_name: str, weight: float) -> bool:
         engine.dispose()
 
 
+def webhook_secret(settings: Settings, tenant_name: str, *, rotate: bool) -> str | None:
+    """The tenant's webhook signing secret (``whsec_…``; made if it had none), or, with ``rotate``, a new one that
+    replaces it (the old one keeps signing for ``webhook_secret_grace_s``); None when there is no such tenant."""
+    engine = make_engine(settings, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            if rotate:
+                return webhook_secrets.rotate(conn, tenant_name)
+            shown = webhook_secrets.show(conn, tenant_name)
+            return None if shown is None else shown[0]
+    finally:
+        engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zimage-admin`` console script."""
     parser = argparse.ArgumentParser(prog="zimage-admin", description=__doc__)
@@ -95,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     sw = sub.add_parser("set-weight", help="set a tenant's fair-share weight (above 0; default 1)")
     sw.add_argument("--tenant", required=True)
     sw.add_argument("weight", type=float)
+    ws = sub.add_parser("webhook-secret", help="show or rotate a tenant's webhook signing secret")
+    ws.add_argument("action", choices=["show", "rotate"])
+    ws.add_argument("--tenant", required=True)
     args = parser.parse_args(argv)
     settings = Settings()
     if args.command == "migrate":
@@ -113,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(exc, file=sys.stderr)
             return 2
+    elif args.command == "webhook-secret":
+        secret = webhook_secret(settings, args.tenant, rotate=args.action == "rotate")
+        if secret is None:
+            print(f"no such tenant: {args.tenant}", file=sys.stderr)
+            return 1
+        print(secret)
+        if args.action == "rotate":
+            print(
+                f"the previous secret also signs for {settings.webhook_secret_grace_s:g} s more", file=sys.stderr
+            )
     return 0
 
 

@@ -47,8 +47,8 @@ def with_deliveries(move: Update, returning: Iterable[Any]) -> Select[Any]:
     """One statement: the terminal ``move``, the webhook deliveries it owes (the jobs' own, and their batches' when
     it ends them), and the caller's ``returning`` columns of the moved rows."""
     wanted = _columns(returning) or [jobs.c.id]
-    names = [c.key for c in wanted]
-    inner: dict[str, ColumnElement[Any]] = {c.key: c for c in wanted if c.key is not None}
+    names = [str(c.key) for c in wanted]
+    inner: dict[str, ColumnElement[Any]] = {str(c.key): c for c in wanted}
     for c in _NEEDED:
         inner.setdefault(str(c.key), c)
     moved = move.returning(*inner.values()).cte("moved")

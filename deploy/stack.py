@@ -1,5 +1,6 @@
-"""The local stack: SeaweedFS, the API and one worker as child processes, for ``make up``/``down``/``demo``
-and the end-to-end tests. Postgres and Redis are the machine's own (already running on their usual ports).
+"""The local stack: SeaweedFS, the API, one worker and the webhook delivery process as child processes, for
+``make up``/``down``/``demo`` and the end-to-end tests. Postgres and Redis are the machine's own (already running
+on their usual ports).
 
     python -m deploy.stack up      # start in the background, write .run/env, return once /readyz is 200
     python -m deploy.stack down    # stop exactly what `up` started
@@ -27,6 +28,7 @@ from core import storage
 from core.admin import create_key, migrate
 from core.db import make_engine
 from core.settings import Settings
+from worker.webhooks import READY
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_EDIT = "checkpoints/tiny/edit"
@@ -177,9 +179,16 @@ class Stack:
         return proc
 
     def start(self) -> Stack:
-        """Migrate, then start S3, the API and the worker; stops what it started if any part fails."""
+        """Migrate, then start S3, the API, the worker and the webhook delivery process; stops what it started if
+        any part fails."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
+    def start_webhooks(self, timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
+        """Start the webhook delivery process (CPU only) and wait until it listens for new deliveries."""
+        proc = self._spawn("webhooks", [sys.executable, "-m", "worker.webhooks"])
+        self._wait("webhooks", lambda: READY in self.log_tail("webhooks", 200), timeout_s)
+        return proc
+
             migrate(self.settings)
             self.start_s3()
             self.start_api()
@@ -188,6 +197,7 @@ class Stack:
             self.stop()
             raise
         return self
+            self.start_webhooks()
 
     def _wait(self, name: str, probe, timeout_s: float, *, probe_names_process: bool = False) -> None:
         """Wait until ``probe()`` is true; a part that exits first failed to start.
@@ -291,7 +301,7 @@ def _down(args: argparse.Namespace) -> int:
     if not pid_file.exists():
         print("nothing to stop", file=sys.stderr)
         return 0
-    for name in ("worker", "api", "s3"):
+    for name in ("webhooks", "worker", "api", "s3"):
         pid = json.loads(pid_file.read_text()).get(name)
         if pid is not None:
             stop_group(pid, 15.0)

@@ -55,11 +55,18 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("(job_id IS NULL) <> (batch_id IS NULL)", name="ck_webhook_deliveries_subject"),
     )
-    op.create_index("ix_webhook_deliveries_due", "webhook_deliveries", ["next_attempt_at"], postgresql_where=sa.text(_PENDING))
     op.create_index(
-        "ix_webhook_deliveries_url_due", "webhook_deliveries", ["url", "next_attempt_at"], postgresql_where=sa.text(_PENDING)
+        "ix_webhook_deliveries_due", "webhook_deliveries", ["next_attempt_at"], postgresql_where=sa.text(_PENDING)
     )
-    op.create_index("ix_webhook_deliveries_job", "webhook_deliveries", ["job_id"], postgresql_where=sa.text("job_id IS NOT NULL"))
+    op.create_index(
+        "ix_webhook_deliveries_url_due",
+        "webhook_deliveries",
+        ["url", "next_attempt_at"],
+        postgresql_where=sa.text(_PENDING),
+    )
+    op.create_index(
+        "ix_webhook_deliveries_job", "webhook_deliveries", ["job_id"], postgresql_where=sa.text("job_id IS NOT NULL")
+    )
     op.create_index(
         "uq_webhook_deliveries_batch",
         "webhook_deliveries",

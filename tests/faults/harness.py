@@ -101,6 +101,7 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         self.stack.start_api()
+        self.stack.start_webhooks()  # as in production: jobs that end owe their webhooks whatever the fault
         self.key = create_key(self.settings, self.tenant)
         self._monitor.start()
         return self
