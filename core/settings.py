@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Literal
 
@@ -176,8 +177,15 @@ class Settings(BaseSettings):
         """These settings as ``ZIMAGE_*`` environment variables (to start another process with them)."""
         env = {}
         for name, value in self.model_dump().items():
-            if value is not None:
-                env[f"ZIMAGE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = str(value).lower()
+            elif isinstance(value, list | dict):
+                text = json.dumps(value)  # how pydantic-settings reads a complex value back (an allow-list)
+            else:
+                text = str(value)
+            env[f"ZIMAGE_{name.upper()}"] = text
         return env
 
     @property
