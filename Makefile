@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := checkpoints/tiny/turbo
 
-.PHONY: install checkpoint migrate up down demo test test-quick test-faults bench bench-submit bench-gpu lint clean
+.PHONY: install checkpoint migrate up down demo test test-quick test-faults bench bench-submit bench-gpu lint check-deploy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,9 @@ bench-gpu: install  ## full-size random-weight benchmark on one GPU (see bench/g
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy api core worker client deploy
+
+check-deploy: install  ## the Kubernetes manifests (deploy/k8s) and the compose profiles, checked without a cluster or Docker
+	$(PY) -m pytest tests/deploy/test_k8s.py tests/deploy/test_compose.py -q
 
 clean:
 	rm -rf .run demo-output checkpoints .pytest_cache
