@@ -178,26 +178,26 @@ class Stack:
             db.dispose()
         return proc
 
-    def start(self) -> Stack:
-        """Migrate, then start S3, the API, the worker and the webhook delivery process; stops what it started if
-        any part fails."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        try:
     def start_webhooks(self, timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
         """Start the webhook delivery process (CPU only) and wait until it listens for new deliveries."""
         proc = self._spawn("webhooks", [sys.executable, "-m", "worker.webhooks"])
         self._wait("webhooks", lambda: READY in self.log_tail("webhooks", 200), timeout_s)
         return proc
 
+    def start(self) -> Stack:
+        """Migrate, then start S3, the API, the worker and the webhook delivery process; stops what it started if
+        any part fails."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
             migrate(self.settings)
             self.start_s3()
             self.start_api()
             self.start_worker()
+            self.start_webhooks()
         except BaseException:
             self.stop()
             raise
         return self
-            self.start_webhooks()
 
     def _wait(self, name: str, probe, timeout_s: float, *, probe_names_process: bool = False) -> None:
         """Wait until ``probe()`` is true; a part that exits first failed to start.
