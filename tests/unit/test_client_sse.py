@@ -4,13 +4,14 @@ events, or polling when the service does not serve them or the stream drops (htt
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from zimage_client import AsyncClient, Client, NotFound, PollBackoff, WaitTimeout
+from zimage_client import AsyncClient, Client, NotFound, PollBackoff, WaitTimeout, watch
 from zimage_client.sse import ServerSentEvent, iter_events
 
 FAST_POLL = PollBackoff(initial_s=0.001, factor=1.0, max_s=0.001)
@@ -142,3 +143,34 @@ def test_the_async_client_follows_events_and_falls_back_alike() -> None:
         return by_events, by_polling
 
     assert asyncio.run(run()) == ("succeeded", "completed")
+
+
+def _keepalives_forever() -> Iterator[bytes]:
+    while True:
+        time.sleep(0.01)
+        yield b": keep-alive\n\n"
+
+
+def _silent_stream(job: dict[str, Any]) -> httpx.MockTransport:
+    """An events stream that only ever sends keep-alives (its terminal event was lost); GET answers ``job``."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            return httpx.Response(200, content=_keepalives_forever(), headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=job)
+
+    return httpx.MockTransport(handler)
+
+
+def test_a_stream_of_only_keep_alives_is_checked_against_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "RECONCILE_S", 0.05)
+    with Client("http://api", "k", transport=_silent_stream({"id": "job_1", "status": "succeeded"})) as zc:
+        assert zc.wait("job_1", timeout=5)["status"] == "succeeded"
+
+
+def test_the_timeout_holds_while_only_keep_alives_come() -> None:
+    client = Client("http://api", "k", transport=_silent_stream({"id": "job_1", "status": "queued"}))
+    started = time.monotonic()
+    with client as zc, pytest.raises(WaitTimeout):
+        zc.wait("job_1", timeout=0.2)
+    assert time.monotonic() - started < 2

@@ -23,12 +23,13 @@ from .config import ClientConfig
 from .errors import ServiceUnreachable
 from .objects import Batch, Job, JobPage, ManifestLine, Output, Upload
 from .retry import NO_RETRY, RETRY_EXCEPTIONS, RetryPolicy
-from .sse import ServerSentEvent, aiter_events
+from .sse import ServerSentEvent, SSEDecoder
 from .transfer import AtomicWriter, extension, verified_bytes
 from .watch import (
     EVENTS_NOT_SERVED,
     Deadline,
     PollBackoff,
+    Quiet,
     apply_batch_event,
     apply_job_event,
     batch_finished,
@@ -148,11 +149,19 @@ class AsyncClient:
         job = Job(id=job_id)
         if events and self._events_served:
             async with contextlib.aclosing(self._events(calls.job_events(job_id), deadline)) as stream:
+                quiet = Quiet()
                 async for event in stream:
-                    updated = apply_job_event(job, event.json())
-                    if updated is None:
-                        continue
-                    job = updated
+                    if event is None:  # a keep-alive or a line of an unfinished event
+                        deadline.check()
+                        if not quiet.due():
+                            continue
+                        job = await self.get(job_id)  # only keep-alives for a while: read the job itself
+                    else:
+                        updated = apply_job_event(job, event.json())
+                        if updated is None:
+                            continue
+                        quiet.heard()
+                        job = updated
                     if job_finished(job) and job.get("object") != "job":
                         job = await self.get(job_id)
                     if on_update is not None:
@@ -196,8 +205,16 @@ class AsyncClient:
         batch = Batch(id=batch_id)
         if events and self._events_served:
             async with contextlib.aclosing(self._events(calls.batch_events(batch_id), deadline)) as stream:
+                quiet = Quiet()
                 async for event in stream:
-                    batch = apply_batch_event(batch, event.json()) or await self.get_batch(batch_id)
+                    if event is None:
+                        deadline.check()
+                        if not quiet.due():
+                            continue
+                        batch = await self.get_batch(batch_id)
+                    else:
+                        quiet.heard()
+                        batch = apply_batch_event(batch, event.json()) or await self.get_batch(batch_id)
                     if on_update is not None:
                         on_update(batch)
                     if batch_finished(batch):
@@ -280,8 +297,9 @@ class AsyncClient:
 
     # -- following -------------------------------------------------------------------------------------------
 
-    async def _events(self, call: Call, deadline: Deadline) -> AsyncGenerator[ServerSentEvent, None]:
-        """The events of an events endpoint; ends quietly when not served, on 429 / 5xx, or when it drops."""
+    async def _events(self, call: Call, deadline: Deadline) -> AsyncGenerator[ServerSentEvent | None, None]:
+        """Per line of an events stream, the event it completes or None; ends quietly when not served, on 429 /
+        5xx, or when it drops."""
         timeout = calls.stream_timeout(self.config.timeout, deadline.remaining())
         try:
             response = await self._send(call, stream=True, timeout=timeout, retry_policy=NO_RETRY)
@@ -299,8 +317,9 @@ class AsyncClient:
                 calls.check(response)
             if not calls.is_event_stream(response):
                 return
-            async for event in aiter_events(response.aiter_lines()):
-                yield event
+            decoder = SSEDecoder()
+            async for line in response.aiter_lines():
+                yield decoder.decode(line)
         except STREAM_DROPPED:
             return
         finally:

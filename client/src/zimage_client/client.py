@@ -26,12 +26,13 @@ from .config import ClientConfig
 from .errors import ServiceUnreachable
 from .objects import Batch, Job, JobPage, ManifestLine, Output, Upload
 from .retry import NO_RETRY, RETRY_EXCEPTIONS, RetryPolicy
-from .sse import ServerSentEvent, iter_events
+from .sse import ServerSentEvent, SSEDecoder
 from .transfer import AtomicWriter, extension, verified_bytes
 from .watch import (
     EVENTS_NOT_SERVED,
     Deadline,
     PollBackoff,
+    Quiet,
     apply_batch_event,
     apply_job_event,
     batch_finished,
@@ -167,11 +168,19 @@ class Client:
         job = Job(id=job_id)
         if events and self._events_served:
             with contextlib.closing(self._events(calls.job_events(job_id), deadline)) as stream:
+                quiet = Quiet()
                 for event in stream:
-                    updated = apply_job_event(job, event.json())
-                    if updated is None:
-                        continue
-                    job = updated
+                    if event is None:  # a keep-alive or a line of an unfinished event
+                        deadline.check()
+                        if not quiet.due():
+                            continue
+                        job = self.get(job_id)  # only keep-alives for a while: read the job itself
+                    else:
+                        updated = apply_job_event(job, event.json())
+                        if updated is None:
+                            continue
+                        quiet.heard()
+                        job = updated
                     if job_finished(job) and job.get("object") != "job":
                         job = self.get(job_id)  # a bare state event: read the whole job (outputs, error)
                     if on_update is not None:
@@ -216,8 +225,16 @@ class Client:
         batch = Batch(id=batch_id)
         if events and self._events_served:
             with contextlib.closing(self._events(calls.batch_events(batch_id), deadline)) as stream:
+                quiet = Quiet()
                 for event in stream:
-                    batch = apply_batch_event(batch, event.json()) or self.get_batch(batch_id)
+                    if event is None:
+                        deadline.check()
+                        if not quiet.due():
+                            continue
+                        batch = self.get_batch(batch_id)
+                    else:
+                        quiet.heard()
+                        batch = apply_batch_event(batch, event.json()) or self.get_batch(batch_id)
                     if on_update is not None:
                         on_update(batch)
                     if batch_finished(batch):
@@ -285,8 +302,9 @@ class Client:
 
     # -- following -------------------------------------------------------------------------------------------
 
-    def _events(self, call: Call, deadline: Deadline) -> Generator[ServerSentEvent, None, None]:
-        """The events of an events endpoint; ends quietly (the caller then polls) when the service does not serve
+    def _events(self, call: Call, deadline: Deadline) -> Generator[ServerSentEvent | None, None, None]:
+        """Per line of an events stream, the event it completes or None (a keep-alive, a partial event: a chance
+        to check the deadline); ends quietly (the caller then polls) when the service does not serve
         it, answers 429 / 5xx, or the connection drops (one try: polling has the retries). Auth and other client
         errors are raised."""
         timeout = calls.stream_timeout(self.config.timeout, deadline.remaining())
@@ -303,7 +321,9 @@ class Client:
                     calls.check(response)
                 if not calls.is_event_stream(response):
                     return
-                yield from iter_events(response.iter_lines())
+                decoder = SSEDecoder()
+                for line in response.iter_lines():
+                    yield decoder.decode(line)
         except STREAM_DROPPED:
             return
 

@@ -16,6 +16,10 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 # Answers of an events endpoint that mean "not served here" (rather than "no such job"): fall back to polling.
 EVENTS_NOT_SERVED = frozenset({404, 405, 406, 501})
 
+# A stream that sends only keep-alives this long is checked against the object itself: an event lost on the
+# server's side must not stall a wait.
+RECONCILE_S = 30.0
+
 
 def job_finished(job: Mapping[str, Any]) -> bool:
     """Whether a job is succeeded, failed or canceled."""
@@ -69,6 +73,25 @@ class PollBackoff:
         while True:
             yield delay
             delay = min(self.max_s, delay * self.factor)
+
+
+class Quiet:
+    """How long a stream has said nothing new, and whether it is time to read the object itself."""
+
+    def __init__(self, every_s: float | None = None) -> None:
+        self._every_s = RECONCILE_S if every_s is None else every_s
+        self._last = time.monotonic()
+
+    def heard(self) -> None:
+        """An event came."""
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        """True (once per period) when nothing came for ``every_s``."""
+        if time.monotonic() - self._last < self._every_s:
+            return False
+        self._last = time.monotonic()
+        return True
 
 
 class Deadline:

@@ -185,7 +185,7 @@ def batch(
 
 def _follow(client: Client, current: Batch, folder: Path | None, images_per_job: float, timeout: float | None) -> Batch:
     downloader = Downloader(client, current["id"], folder) if folder is not None else None
-    with BatchProgress(err, current["id"], images_per_job) as bar:
+    with BatchProgress(err, current["id"], images_per_job, downloading=downloader is not None) as bar:
 
         def update(state: Batch) -> None:
             if downloader is not None and downloader.due(state):

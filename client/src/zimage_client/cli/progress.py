@@ -51,14 +51,16 @@ class BatchProgress:
     """A batch's counts as a bar: jobs finished of the total, with failed / running / queued, images/s since this
     run attached, downloads, and the time left."""
 
-    def __init__(self, console: Console, batch_id: str, images_per_job: float) -> None:
+    def __init__(self, console: Console, batch_id: str, images_per_job: float, *, downloading: bool = False) -> None:
         self._console = console
+        self._downloading = downloading
         self._batch_id = batch_id
         self._images_per_job = images_per_job
         self._started = time.monotonic()
         self._first_succeeded: int | None = None
         self._last_plain = 0.0
         self._line = ""
+        self._printed = ""
         self.downloaded = 0
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -80,8 +82,13 @@ class BatchProgress:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._progress.stop()
-        if not self._console.is_terminal and self._line:
-            self._console.print(self._line)
+        if not self._console.is_terminal and self._line != self._printed:
+            self._print_line()
+
+    def _print_line(self) -> None:
+        self._console.print(self._line, soft_wrap=True)
+        self._printed = self._line
+        self._last_plain = time.monotonic()
 
     def update(self, batch: Batch) -> None:
         """Show the batch's latest counts."""
@@ -97,18 +104,16 @@ class BatchProgress:
             f"[green]{counts['succeeded']} ok[/] [red]{counts['failed']} failed[/] "
             f"[yellow]{counts['running']} running[/] {counts['queued']} queued · {rate:.2f} img/s"
         )
-        if self.downloaded:
+        if self._downloading:
             detail += f" · {self.downloaded} downloaded"
         self._progress.update(self._task, total=counts["total"], completed=finished, detail=detail)
         self._line = (
             f"{self._batch_id}: {finished}/{counts['total']} done, {counts['succeeded']} succeeded, "
             f"{counts['failed']} failed, {counts['running']} running, {counts['queued']} queued, "
-            f"{rate:.2f} images/s, {self.downloaded} downloaded"
+            f"{rate:.2f} images/s" + (f", {self.downloaded} downloaded" if self._downloading else "")
         )
-        now = time.monotonic()
-        if not self._console.is_terminal and now - self._last_plain >= PLAIN_EVERY_S:
-            self._console.print(self._line)
-            self._last_plain = now
+        if not self._console.is_terminal and time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
+            self._print_line()
 
     def add_downloaded(self, count: int) -> None:
         """Count files downloaded (shown with the next update)."""
