@@ -1,12 +1,12 @@
-"""``make demo``: start the stack on the embedded defaults, submit English and Chinese prompts as one batch,
-follow its counts to the end, save its manifest and download every image (checked against its sha256) into
-``demo-output/`` with an offline ``index.html``, edit the first image in every mode, print a summary and the
-gallery link, and stop everything it started (also on Ctrl-C).
+"""``make demo``: start the stack on the embedded defaults, submit English and Chinese prompts as one batch
+through the SDK (``zimage_client``), follow it with a live progress bar (server-sent events), save its manifest
+and download every image (written atomically, checked against its sha256) into ``demo-output/`` with an offline
+``index.html``, edit the first image in every mode, print a summary and the gallery link, and stop everything it
+started (also on Ctrl-C).
 """
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import json
@@ -19,11 +19,13 @@ import time
 from typing import Any
 
 from PIL import Image, ImageDraw
+from rich.console import Console
 
-from client import ApiError, ZImageClient
 from core.admin import create_key
 from deploy.seaweed import pick_ports
 from deploy.stack import ROOT, Stack, dev_settings
+from zimage_client import Batch, Client, Job, ZImageError
+from zimage_client.cli.progress import BatchProgress
 
 OUT = ROOT / "demo-output"
 
@@ -70,18 +72,18 @@ def _port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-def _edits(client: ZImageClient, source_job: dict[str, Any]) -> list[dict[str, Any]]:
+def _edits(client: Client, source_job: Job) -> list[Job]:
     """Upload one generated image and edit it in every mode this stack serves."""
     if source_job["status"] != "succeeded":
         return []
-    source = client.download(source_job["outputs"][0])
-    upload = client.upload(source, "source.png")
+    source = client.read_output(source_job["outputs"][0])
+    upload = client.upload(source, filename="source.png")
     width, height = upload["width"], upload["height"]
     mask = Image.new("L", (width, height), 0)
     ImageDraw.Draw(mask).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=255)
     buf = io.BytesIO()
     mask.save(buf, format="PNG")
-    mask_upload = client.upload(buf.getvalue(), "mask.png")
+    mask_upload = client.upload(buf.getvalue(), filename="mask.png")
     base = {"kind": "edit", "width": width, "height": height, "seed": 77, "input_images": [{"upload_id": upload["id"]}]}
     requests = [
         {**base, "mode": "img2img", "prompt": "the same scene as a watercolor painting", "strength": 0.6},
@@ -92,7 +94,7 @@ def _edits(client: ZImageClient, source_job: dict[str, Any]) -> list[dict[str, A
     for request in requests:
         try:
             submitted.append(client.submit(request))
-        except ApiError as exc:  # instruct needs an Edit checkpoint; a stack without one says so
+        except ZImageError as exc:  # instruct needs an Edit checkpoint; a stack without one says so
             print(f"  {request['mode']}: {exc}")
     return submitted
 
@@ -129,7 +131,7 @@ def run() -> int:
         stack.start()
         print(f"stack ready in {time.monotonic() - started:.1f} s; logs in {run_dir / 'logs'}")
         key = create_key(settings, "demo")
-        with ZImageClient(stack.api_url, key) as client:
+        with Client(stack.api_url, key) as client:
             return _submit_and_collect(client, stack.api_url)
     finally:
         print("stopping the stack ...")
@@ -137,7 +139,7 @@ def run() -> int:
         print("stopped.")
 
 
-def _submit_and_collect(client: ZImageClient, api_url: str) -> int:
+def _submit_and_collect(client: Client, api_url: str) -> int:
     t0 = time.monotonic()
     batch = client.submit_batch(
         [{"prompt": p, "width": w, "height": h, "seed": 1000 + i, "metadata": {"demo_index": i}}
@@ -146,17 +148,9 @@ def _submit_and_collect(client: ZImageClient, api_url: str) -> int:
     )  # fmt: skip
     print(f"submitted {batch['counts']['total']} jobs as one batch ({batch['id']}) in {time.monotonic() - t0:.2f} s")
     print(f"  live gallery while the demo runs: {api_url}{batch['gallery_url']}")
-    last = [""]
-
-    def show(current: dict[str, Any]) -> None:
-        c = current["counts"]
-        line = (f"  [{c['succeeded'] + c['failed'] + c['canceled']:>2}/{c['total']}] queued {c['queued']:>2}"
-                f" running {c['running']} succeeded {c['succeeded']} failed {c['failed']}")  # fmt: skip
-        if line != last[0]:
-            print(line, flush=True)
-            last[0] = line
-
-    done = client.wait_batch(batch["id"], timeout_s=900, poll_s=0.25, on_update=show)
+    with BatchProgress(Console(stderr=True), batch["id"], images_per_job=1) as bar:
+        bar.update(batch)
+        done: Batch = client.wait_batch(batch["id"], timeout=900, on_update=bar.update)
     wall = time.monotonic() - t0
 
     shutil.rmtree(OUT, ignore_errors=True)  # the demo's own folder: this run's images only
@@ -165,10 +159,10 @@ def _submit_and_collect(client: ZImageClient, api_url: str) -> int:
     (OUT / "manifest.ndjson").write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in manifest))
     first_job = client.get(manifest[0]["job_id"])
     edits = _edits(client, first_job)
-    finished: dict[str, dict[str, Any]] = {}
+    finished: dict[str, Job] = {}
     if edits:
         print(f"editing the first image: {', '.join(e['request']['mode'] for e in edits)}")
-        finished.update(client.wait([e["id"] for e in edits], timeout_s=900))
+        finished.update({e["id"]: client.wait(e["id"], timeout=900) for e in edits})
 
     entries, latencies, images = [], [], 0
     jobs = [client.get(line["job_id"]) for line in manifest] + [finished[e["id"]] for e in edits]
@@ -183,11 +177,8 @@ def _submit_and_collect(client: ZImageClient, api_url: str) -> int:
             "latency_ms": job["timings"].get("total_ms"),
         }
         for out in job["outputs"]:
-            data = client.download(out)
-            if hashlib.sha256(data).hexdigest() != out["sha256"]:
-                raise RuntimeError(f"{job['id']}: downloaded image does not match its sha256")
             name = f"{job['id']}-{out['index']}.{out['key'].rsplit('.', 1)[1]}"
-            (OUT / name).write_bytes(data)
+            client.download(out, OUT / name)  # ChecksumMismatch (nothing written) unless it matches its sha256
             entry["file"] = name
             images += req["kind"] == "generate"
         if job["status"] == "succeeded":
