@@ -10,7 +10,9 @@ from typing import Annotated
 
 import typer
 
+from ..errors import InvalidWebhook
 from ..webhooks import verify_webhook
+from . import exit_codes
 from .options import err, out
 
 app = typer.Typer(help="Webhook helpers.", no_args_is_help=True)
@@ -67,6 +69,10 @@ def verify(
             if not colon:
                 raise typer.BadParameter(f"{line!r} is not 'name: value'", param_hint="--header")
             headers[name.strip().lower()] = value.strip()
-    payload = verify_webhook(secret, data, headers, check_timestamp=check_timestamp)
+    try:
+        payload = verify_webhook(secret, data, headers, check_timestamp=check_timestamp)
+    except InvalidWebhook as exc:
+        err.print(f"[red]not genuine[/]: {exc.message}")
+        raise typer.Exit(exit_codes.FAILED) from None
     err.print(f"[green]valid[/]: webhook-id {headers['webhook-id']}, timestamp {headers['webhook-timestamp']}")
     out.print(json.dumps(payload, indent=2, ensure_ascii=False))
