@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from api.jobs import list_jobs
 from api.resources import Resources
 from api.submit import dispatch
-from core import errors, events, ids
+from core import errors, events, ids, metrics
 from core.batch_object import batch_object as core_batch_object
 from core.batch_object import counts_query, tally
 from core.batch_request import BatchSubmission, refusal
@@ -118,6 +118,8 @@ async def create_batch(
             found = await conn.execute(reuse_earlier(tenant_id, where=[jobs.c.batch_id == batch_id]))
             reused = {job_id for (job_id,) in found}
         await conn.commit()
+    metrics.REUSE_HITS.inc(len(reused))
+    metrics.count_ends(JobStatus.SUCCEEDED.value, len(reused))
     # Published after the commit, in the background: the 202 does not wait for Redis, and a failed publish
     # leaves the rows to the sweeper (the outbox), exactly as for single jobs. Reused jobs are done already.
     pairs = [(job.id, job.queue) for job in written if job.id not in reused]
@@ -305,6 +307,8 @@ async def cancel_batch(res: Resources, *, tenant_id: str, batch_id: str) -> dict
             .one()
         )
         await conn.commit()
+        metrics.count_ends(JobStatus.CANCELED.value, len(moved))
+        log.info("batch canceled", extra={"batch_id": batch_id, "tenant": tenant_id, "jobs_canceled": len(moved)})
         await events.publish_async(res.redis, res.settings.redis_prefix, events.from_rows(moved))
         return await _render(conn, res, row)
 

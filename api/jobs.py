@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -12,13 +13,29 @@ from sqlalchemy import and_, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.resources import Resources
-from core import errors, events
+from core import errors, events, logs, metrics
 from core.job_object import job_object
 from core.models import jobs
 from core.status import JobStatus, is_terminal
 from core.transition import transition
 
+log = logging.getLogger(__name__)
+
 MAX_PAGE = 100
+
+
+def log_job(res: Resources, row: Any) -> None:
+    """From here on, this request's log lines are about the job ``row`` (its prompt only if logs may hold one)."""
+    logs.set_fields(
+        **logs.job_fields(
+            job_id=row["id"],
+            tenant=row["tenant_id"],
+            attempt=row["attempt"],
+            batch_id=row["batch_id"],
+            prompt=row["request"].get("prompt"),
+            log_prompts=res.settings.log_prompts,
+        )
+    )
 
 
 async def queue_positions(conn: AsyncConnection, rows: Sequence[Any]) -> dict[str, int]:
@@ -142,6 +159,9 @@ async def cancel_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str
         )
         await conn.commit()
         if row is not None:
+            metrics.count_ends(JobStatus.CANCELED.value)
+            log_job(res, row)
+            log.info("job canceled")
             await events.publish_async(res.redis, res.settings.redis_prefix, events.from_rows([row]))
             return await render(conn, res, row)
         current = (

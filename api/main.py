@@ -10,22 +10,27 @@ from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI
+from prometheus_client import REGISTRY, disable_created_metrics
 from redis import asyncio as aioredis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.auth import KeyCache
 from api.events import EventHub
+from api.http_metrics import HttpMetrics
 from api.multipart import MULTIPART_OVERHEAD
+from api.request_ids import RequestIds
 from api.resources import Resources
 from api.routes import batches, events, health, jobs, uploads, webhooks
+from api.routes import metrics as metrics_route
 from api.routes.gallery import router as gallery_router
 from api.submit import GroupCommitter
-from core import storage
+from core import logs, storage
 from core.db import make_async_engine, make_engine
 from core.errors import PayloadTooLarge
 from core.images import MAX_IMAGE_BYTES
 from core.presign import Presigner
+from core.queue_stats import QueueStats, QueueStatsCollector
 from core.settings import Settings, get_settings
 from core.sweeper import SweeperThread
 
@@ -101,6 +106,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure(level=settings.log_level, fmt=settings.log_format, service="api")
+        disable_created_metrics()  # a `_created` series per counter doubles the scrape for nothing
         db = make_async_engine(settings)
         res = Resources(
             settings=settings,
@@ -130,6 +137,9 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             settings.redis_prefix,
         )
         res.events.start()
+        res.queue_stats = QueueStats(settings.metrics_queue_refresh_s)
+        queue_collector = QueueStatsCollector(res.queue_stats)
+        REGISTRY.register(queue_collector)
         app.state.resources = res
         # The objects built at start live as long as the process: keep the collector from rescanning them, and
         # collect young objects less often. Measured: p99 of POST /v1/jobs under load 176 ms -> 49 ms.
@@ -138,6 +148,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         try:
             yield
         finally:
+            REGISTRY.unregister(queue_collector)
             await res.events.stop()
             await res.submitter.stop()
             if res.background:  # a batch still being published: let it finish (or fail to the sweeper)
@@ -157,6 +168,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     )
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(metrics_route.router)
     app.include_router(jobs.router)
     app.include_router(batches.router)
     app.include_router(events.router)
@@ -170,5 +182,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         max_bytes=settings.max_body_bytes,
         per_path={"/v1/uploads": (upload_limit, "file"), "/v1/batches": (settings.max_batch_body_bytes, "body")},
     )
+    # Outermost: a request refused by the body limit is still counted and still gets its id.
+    app.add_middleware(HttpMetrics)
+    app.add_middleware(RequestIds)
 
     return app

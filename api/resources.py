@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from api.auth import KeyCache
 from core import storage
 from core.presign import Presigner
+from core.queue_stats import QueueStats
 from core.settings import Settings
 from core.sweeper import SweeperThread
 
@@ -36,6 +37,8 @@ class Resources:
     redis_down_until: float = 0.0
     # Fans Redis pub/sub out to the server-sent-event streams (api.events.EventHub), started in the lifespan.
     events: Any = None
+    # The queue figures GET /metrics serves, read from Postgres at most every metrics_queue_refresh_s.
+    queue_stats: QueueStats | None = None
     # Work that outlives its request (a batch's publish); awaited at shutdown.
     background: set[asyncio.Task[None]] = field(default_factory=set)
 

@@ -17,14 +17,15 @@ from typing import Any
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from api.jobs import queue_positions, render
+from api.jobs import log_job, queue_positions, render
 from api.resources import Resources
-from core import errors, queue
+from core import errors, metrics, queue
 from core.job_object import job_object
 from core.models import jobs
 from core.retry import is_transient
 from core.reuse import model_identity, reuse_earlier
 from core.schemas import JobRequest
+from core.status import JobStatus
 from core.submission import build_job_row, request_hash
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ async def submit_job(
         idempotency_key=idempotency_key,
         model=model_identity(res.settings, req.kind, req.mode),
     )
+    log_job(res, {"attempt": 0, "batch_id": None, **row})
     if idempotency_key is None and res.settings.group_commit and row["reuse_key"] is None:
         return await res.submitter.submit(row), True
     async with res.db.connect() as conn:
@@ -153,7 +155,10 @@ async def submit_job(
         # Rendered inside the transaction: once it commits, nothing can fail the answer but the network.
         view = await render(conn, res, created)
         await conn.commit()
-    if not reused:
+    if reused:
+        metrics.REUSE_HITS.inc()
+        metrics.count_ends(JobStatus.SUCCEEDED.value)
+    else:
         await dispatch(res, [(created["id"], created["queue"])])
     return view, True
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Float, case, func, literal, literal_column, select, text
@@ -33,6 +34,8 @@ class ClaimedJob:
     max_attempts: int
     kind: str
     request: dict[str, Any]
+    batch_id: str | None = None  # the bulk submission it came in (logs)
+    created_at: datetime | None = None  # when it was submitted (its latency is measured from here)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -182,6 +185,8 @@ def claim_batch(
             max_attempts=r["max_attempts"],
             kind=r["kind"],
             request=r["request"],
+            batch_id=r["batch_id"],
+            created_at=r["created_at"],
         )
         for r in rows
     ]

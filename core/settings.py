@@ -137,6 +137,16 @@ class Settings(BaseSettings):
     max_batch_jobs: int = Field(10_000, ge=1, le=100_000)
     max_batch_body_bytes: int = Field(32 << 20, ge=1024)
 
+    # --- observability ---
+    # Each worker process serves its Prometheus metrics on this port (0: none); the API serves GET /metrics.
+    metrics_port: int = Field(9200, ge=0, le=65535)
+    # The queue depth and oldest age (one Postgres query) are read again at most this often, however many scrapes.
+    metrics_queue_refresh_s: float = Field(5.0, gt=0, le=300)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"  # text: for a human at a terminal
+    # Prompts are user data: job log lines carry them only when this is on.
+    log_prompts: bool = False
+
     @field_validator("edit_model", "attention_backend", "s3_endpoint_url", "s3_public_endpoint_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:

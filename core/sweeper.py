@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, Text, cast, func, text
 
-from core import events, queue
+from core import events, metrics, queue
 from core.events import EVENT_COLUMNS
 from core.models import jobs
 from core.settings import Settings
@@ -91,6 +91,9 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
         conn.commit()  # the expiry stands even if Redis is down below
         failed = sum(1 for r in moved if r["status"] == JobStatus.FAILED)
         requeued = len(moved) - failed
+        metrics.SWEEPER_ACTIONS.labels("requeued").inc(requeued)
+        metrics.SWEEPER_ACTIONS.labels("failed").inc(failed)
+        metrics.count_ends(JobStatus.FAILED.value, failed, ErrorCode.MAX_ATTEMPTS_EXCEEDED.value)
         events.publish(redis_client, settings.redis_prefix, events.from_rows(moved))
         if requeued or failed:
             log.warning("sweeper: %d expired leases requeued, %d failed", requeued, failed)
@@ -110,6 +113,7 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
             raise
         conn.execute(_MARK_DISPATCHED, {"ids": [r.id for r in rows]})
         conn.commit()
+        metrics.SWEEPER_ACTIONS.labels("published").inc(len(rows))
         log.info("sweeper: published %d jobs", len(rows))
         return SweepResult(acted=True, requeued=requeued, failed=failed, published=len(rows))
 

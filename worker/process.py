@@ -17,12 +17,13 @@ import redis
 import torch
 from sqlalchemy import Engine, text
 
-from core import storage
+from core import logs, storage
 from core.db import make_engine
 from core.settings import Settings
 from core.sweeper import SweeperThread
 from worker.engine import EditEngine, EngineOptions
 from worker.engine import Engine as InferenceEngine
+from worker.engine.embeddings import CacheStats
 from worker.results import Recorder
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
     s3 = storage.make_s3_client(settings)
     storage.ensure_bucket(s3, settings.s3_bucket)
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    logs.set_process_fields(worker=worker_id)
     ctx = WorkerContext(
         settings=settings,
         worker_id=worker_id,
@@ -131,6 +133,7 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
             model_id=settings.turbo_model,
             redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
             redis_prefix=settings.redis_prefix,
+            log_prompts=settings.log_prompts,
         ),
         uploads=ThreadPoolExecutor(
             upload_threads(settings, engine.device), thread_name_prefix="upload", initializer=_yield_cpu
@@ -170,6 +173,12 @@ def busy_fraction(ctx: WorkerContext) -> float:
     """Fraction of wall time since the worker was ready that the accelerator spent running batches."""
     wall = time.monotonic() - ctx.started
     return min(1.0, (ctx.engine.busy_seconds - ctx.busy_base) / wall) if wall > 0 else 0.0
+
+
+def cache_stats(ctx: WorkerContext) -> list[CacheStats]:
+    """The counters of the prompt-embedding caches this worker's engines use (none when caching is off)."""
+    cache = ctx.engine.embedding_cache
+    return [cache.stats()] if cache is not None else []
 
 
 def record_stats(ctx: WorkerContext, *, jobs: int, images: int) -> None:

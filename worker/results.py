@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -13,12 +14,13 @@ from typing import Any, TypeVar
 from PIL import Image
 from sqlalchemy import Connection, Engine
 
-from core import events, lifecycle, storage
+from core import events, lifecycle, logs, storage
 from core.errors import StorageError
 from core.events import JobEvent
 from core.lifecycle import ClaimedJob
 from core.retry import Backoff, db_call, retrying
-from core.status import ErrorCode
+from core.status import ErrorCode, JobStatus
+from worker import metrics
 from worker.encode import CONTENT_TYPES, EXTENSIONS, encode_image
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,20 @@ class Recorder:
     model_id: str  # written into each image's metadata
     redis: Any = None  # where job events are published (None: not published)
     redis_prefix: str = ""
+    log_prompts: bool = False  # whether a job's log lines may carry its prompt
+
+    def log_context(self, job: ClaimedJob) -> AbstractContextManager[None]:
+        """Lines logged in the block are about ``job``: its id, batch, tenant and attempt."""
+        return logs.bind(
+            **logs.job_fields(
+                job_id=job.id,
+                tenant=job.tenant_id,
+                attempt=job.attempt,
+                batch_id=job.batch_id,
+                prompt=job.request.get("prompt"),
+                log_prompts=self.log_prompts,
+            )
+        )
 
     def db_call(self, fn: Callable[[Connection], T], what: str) -> T:
         """Run ``fn`` on a fresh connection, retrying lost connections with backoff."""
@@ -51,20 +67,26 @@ class Recorder:
     def fail(self, jobs: Sequence[ClaimedJob], code: ErrorCode, message: str) -> int:
         """Record jobs as failed (fenced); how many were."""
         found: list[JobEvent] = []
-        failed = sum(
-            self.db_call(
-                partial(lifecycle.record_failure, job=job, code=code, message=message, events=found),
-                "record failure",
-            )
-            for job in jobs
-        )
+        failed = 0
+        for job in jobs:
+            with self.log_context(job):
+                call = partial(lifecycle.record_failure, job=job, code=code, message=message, events=found)
+                if self.db_call(call, "record failure"):
+                    failed += 1
+                    metrics.job_ended(job, JobStatus.FAILED.value, code.value)
+                    log.info("job failed: %s", code.value, extra={"error_message": message})
         self.publish(found)
         return failed
 
     def release(self, jobs: Sequence[ClaimedJob]) -> int:
         """Give jobs back to the queue (fenced); how many were."""
         found: list[JobEvent] = []
-        released = sum(self.db_call(partial(lifecycle.release, job=job, events=found), "release") for job in jobs)
+        released = 0
+        for job in jobs:
+            with self.log_context(job):
+                if self.db_call(partial(lifecycle.release, job=job, events=found), "release"):
+                    released += 1
+                    log.info("job returned to the queue")
         self.publish(found)
         return released
 
@@ -74,6 +96,10 @@ class Recorder:
         Keys depend only on the job and image index, so a re-run overwrites and never adds; success is recorded
         only once every object is stored with a verified checksum; a job canceled meanwhile leaves nothing.
         """
+        with self.log_context(job):
+            return self._store(job, images, inference_ms)
+
+    def _store(self, job: ClaimedJob, images: Sequence[Image.Image], inference_ms: int) -> str:
         # No check for a cancel first: it would cost every job a round trip; the fenced record below catches it.
         try:
             outputs, upload_ms = self._upload(job, images)
@@ -92,6 +118,8 @@ class Recorder:
         )
         if ok:
             self.publish(found)
+            metrics.job_ended(job, JobStatus.SUCCEEDED.value)
+            log.info("job succeeded", extra={"inference_ms": inference_ms, "upload_ms": upload_ms})
             return "succeeded"
         keys = [o["key"] for o in outputs]  # canceled (or lease lost) while uploading
         retrying(

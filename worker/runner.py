@@ -21,7 +21,7 @@ from core.errors import InvalidInput, OutOfMemory, ServiceError, job_error_code
 from core.events import JobEvent
 from core.lifecycle import ClaimedJob
 from core.status import ErrorCode
-from worker import process
+from worker import metrics, process
 from worker.engine import BatchInterrupted, EditRequest, ImageRequest, PreparedBatch, RequestResult
 from worker.guard import BatchGuard
 from worker.inputs import edit_request
@@ -178,7 +178,9 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
     if not jobs:  # every edit job of the batch had an unusable input
         guard.close()
         return []
-    log.info("batch of %d job(s): %s", len(jobs), ", ".join(j.id for j in jobs))
+    for job in jobs:
+        with ctx.recorder.log_context(job):
+            log.info("job running in a batch of %d", len(jobs))
     started = time.perf_counter()
     try:
         results: list[RequestResult]
@@ -197,7 +199,9 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
         report.ends["failed"] += ctx.recorder.fail(jobs, job_error_code(exc), f"{type(exc).__name__}: {exc}")
         guard.close()
         return []
-    inference_ms = round((time.perf_counter() - started + batch.prepare_s) * 1000)
+    inference_s = time.perf_counter() - started + batch.prepare_s
+    inference_ms = round(inference_s * 1000)
+    metrics.batch_ran(jobs, inference_s)
     futures: list[Future[str]] = []
     for job, result in zip(jobs, results, strict=True):
         if isinstance(result, ServiceError):  # this job's image did not fit; its batch-mates' did

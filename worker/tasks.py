@@ -7,13 +7,16 @@ from typing import Any
 
 from celery import signals
 
+from core import logs
 from core.queue import TASK_RUN_BATCH
 from core.settings import get_settings
-from worker import process
+from worker import metrics, process
 from worker.app import app
 from worker.runner import run_queue
 
 log = logging.getLogger(__name__)
+
+_metrics: metrics.MetricsServer | None = None
 
 
 @app.task(name=TASK_RUN_BATCH, bind=True)
@@ -33,14 +36,26 @@ def _queues() -> tuple[str, ...]:
     return tuple(sorted(str(n) for n in names)) or ("generate",)
 
 
+@signals.setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    """JSON log lines from the worker's start (a receiver here keeps Celery from installing its own handler)."""
+    settings = get_settings()
+    logs.configure(level=settings.log_level, fmt=settings.log_format, service="worker")
+
+
 @signals.worker_process_init.connect
 def _load_pipelines(**_: Any) -> None:
-    """Load the pipelines once per process that runs tasks, before it consumes a message.
+    """Load the pipelines once per process that runs tasks, before it consumes a message; then serve metrics.
 
     The solo pool sends this signal from the worker process itself; prefork sends it in each child (CUDA state
     cannot cross a fork, so a parent must never load).
     """
-    process.build_context(get_settings(), _queues())
+    global _metrics
+    settings = get_settings()
+    ctx = process.build_context(settings, _queues())
+    _metrics = metrics.serve(
+        settings.metrics_port, busy=lambda: process.busy_fraction(ctx), caches=lambda: process.cache_stats(ctx)
+    )
 
 
 @signals.worker_shutting_down.connect
@@ -51,5 +66,9 @@ def _start_grace(**_: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _close(**_: Any) -> None:
-    """Release connections and threads when the worker stops."""
+    """Release connections, threads and the metrics port when the worker stops."""
+    global _metrics
+    if _metrics is not None:
+        _metrics.stop()
+        _metrics = None
     process.close_context()
