@@ -48,6 +48,8 @@ class Stack:
     s3_port: int | None = 8333  # None: S3 is external (settings.s3_endpoint_url), start no SeaweedFS
     worker_queues: str = "generate,edit"
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Each worker's metrics port: a free one each, so workers (and test runs) sharing a host never collide.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -60,14 +62,14 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 argv,
                 cwd=ROOT,
-                env=self._env(),
+                env={**self._env(), **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -138,6 +140,7 @@ class Stack:
     def start_worker(self, timeout_s: float = 180.0, *, name: str = "worker") -> subprocess.Popen[bytes]:
         """Start one Celery worker and wait until it has loaded its pipelines and registered as ready."""
         node = f"zimage-{secrets.token_hex(3)}@%h"
+        self.metrics_ports[name] = free_port() if self.settings.metrics_port else 0
         proc = self._spawn(
             name,
             [
@@ -161,6 +164,7 @@ class Stack:
                 "-n",
                 node,
             ],
+            env={"ZIMAGE_METRICS_PORT": str(self.metrics_ports[name])},
         )
         db = make_engine(self.settings, pool_size=1)
 
