@@ -31,6 +31,7 @@ from core.events import EVENT_COLUMNS
 from core.image_refs import check_batch_refs
 from core.job_object import rfc3339
 from core.models import batches, jobs
+from core.quotas import Defaults, charge
 from core.reuse import model_identity, reuse_earlier
 from core.schemas import JobRequest
 from core.status import TERMINAL, JobStatus
@@ -110,6 +111,11 @@ async def create_batch(
                 await check_batch_refs(
                     conn, tenant_id, [job.request for job in written], allow_hosts=res.settings.fetch_allow_hosts
                 )
+            # Last, so the tenant's quota row is held only until the commit just below.
+            images = [job.request.num_images for job in written]
+            admission = await charge(conn, tenant_id, images, Defaults.of(res.settings), batch=True)
+            if admission.refusal is not None:
+                raise admission.refusal
         except errors.ServiceError:
             await conn.rollback()  # nothing of the batch stays
             raise

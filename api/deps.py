@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.auth import KeyCache
+from api.auth import Caller, KeyCache
+from api.rate_limit import CALLER
 from api.resources import Resources
 from core import errors
 
@@ -21,6 +22,9 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 async def get_tenant(request: Request, res: ResourcesDep) -> str:
     """The tenant id of the caller's API key; 401 when the key is missing, unknown or revoked."""
+    known: Caller | None = request.scope.get("state", {}).get(CALLER)
+    if known is not None:  # looked up before the body was read (api.rate_limit)
+        return known.tenant_id
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,6 +12,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import errors
+from core.metrics import RATE_LIMITED
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,17 @@ def error_response(
 
 async def _service_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.ServiceError)
+    return service_error_response(exc)
+
+
+def service_error_response(exc: errors.ServiceError) -> JSONResponse:
+    """The answer to a service error (also for middleware, which runs outside the exception handlers)."""
     status = http_status(exc)
     headers = {}
     if status in (429, 503):
         headers["Retry-After"] = str(getattr(exc, "retry_after_s", 2))
+    if isinstance(exc, errors.RateLimited):
+        RATE_LIMITED.labels(exc.reason).inc()
     if status == 500:  # a branch no client should see: an internal failure, not to be detailed
         log.error("unmapped service error", exc_info=exc)
         return error_response(500, "internal_error", "internal error")
@@ -89,11 +98,34 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "validation_error", f"invalid request: {fields}", details)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code
-    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405 and (allowed := allowed_methods(request)):
+        headers = {**(headers or {}), "Allow": allowed}
+    return error_response(exc.status_code, code, message, headers=headers)
+
+
+_METHODS = ("GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE")
+
+
+def allowed_methods(request: Request) -> str | None:
+    """Every method the path serves, as the API document lists them (a path served by several routes, such as
+    ``GET`` and ``POST /v1/jobs``, would otherwise name only the first route's)."""
+    table = getattr(request.app.state, "allowed_methods", None)
+    if table is None:
+        table = [
+            (re.compile("^" + re.sub(r"\{[^/}]+\}", "[^/]+", path) + "$"), sorted(m.upper() for m in operations))
+            for path, operations in request.app.openapi()["paths"].items()
+        ]
+        table = [(pattern, [m for m in methods if m in _METHODS]) for pattern, methods in table]
+        request.app.state.allowed_methods = table
+    for pattern, methods in table:
+        if pattern.match(request.url.path):
+            return ", ".join(methods)
+    return None
 
 
 async def _database_down(_: Request, exc: Exception) -> JSONResponse:

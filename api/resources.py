@@ -39,6 +39,10 @@ class Resources:
     events: Any = None
     # The queue figures GET /metrics serves, read from Postgres at most every metrics_queue_refresh_s.
     queue_stats: QueueStats | None = None
+    # Each tenant's requests per second (api.rate_limit.RateLimiter), and the cached queue depth /readyz sheds on
+    # (api.routes.health.QueueDepth); both built in the lifespan.
+    limiter: Any = None
+    queue_depth: Any = None
     # Work that outlives its request (a batch's publish); awaited at shutdown.
     background: set[asyncio.Task[None]] = field(default_factory=set)
 

@@ -22,6 +22,7 @@ from api.resources import Resources
 from core import errors, metrics, queue
 from core.job_object import job_object
 from core.models import jobs
+from core.quotas import Defaults, charge
 from core.retry import is_transient
 from core.reuse import model_identity, reuse_earlier
 from core.schemas import JobRequest
@@ -78,12 +79,16 @@ class GroupCommitter:
     async def _flush(self, group: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] | None = None) -> None:
         if group is None:
             group, self._pending = self._pending, []
-        # Marked dispatched in the same INSERT: saves a round trip per group. Should the publish below fail,
-        # the mark is undone; should this process die between commit and publish, the sweeper's lost-message
-        # check publishes the rows again.
-        rows = [{**r, "dispatched_at": func.now()} for r, _ in group]
         try:
             async with self._res.db.connect() as conn:
+                group = await _admit(conn, self._res, group)  # the rows over a quota get their 429 now
+                if not group:
+                    await conn.commit()  # what the quota check learned (a fresh count of open jobs)
+                    return
+                # Marked dispatched in the same INSERT: saves a round trip per group. Should the publish below
+                # fail, the mark is undone; should this process die between commit and publish, the sweeper's
+                # lost-message check publishes the rows again.
+                rows = [{**r, "dispatched_at": func.now()} for r, _ in group]
                 created = (await conn.execute(insert(jobs).values(rows).returning(jobs))).mappings()
                 by_id = {r["id"]: r for r in created}
                 positions = await queue_positions(conn, list(by_id.values()))
@@ -105,6 +110,26 @@ class GroupCommitter:
                 future.set_result(
                     job_object(created_row, presign=self._res.presign, queue_position=positions[row["id"]])
                 )
+
+
+_Pending = tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]  # a row and its submitter's future
+
+
+async def _admit(conn: AsyncConnection, res: Resources, group: list[_Pending]) -> list[_Pending]:
+    """The rows of ``group`` that fit their tenants' quotas; each other row's submitter gets the refusal."""
+    by_tenant: dict[str, list[_Pending]] = {}
+    for member in group:
+        by_tenant.setdefault(member[0]["tenant_id"], []).append(member)
+    admitted = []
+    defaults = Defaults.of(res.settings)
+    for tenant in sorted(by_tenant):  # one order for every group, so two groups never wait on each other
+        members = by_tenant[tenant]
+        admission = await charge(conn, tenant, [row["request"]["num_images"] for row, _ in members], defaults)
+        admitted += members[: admission.admitted]
+        for _, future in members[admission.admitted :]:
+            if admission.refusal is not None and not future.done():
+                future.set_exception(admission.refusal)
+    return admitted
 
 
 async def _existing_for_key(conn: AsyncConnection, tenant_id: str, key: str) -> Any:
@@ -146,6 +171,9 @@ async def submit_job(
             view = await render(conn, res, existing)
             await conn.rollback()
             return view, False
+        admission = await charge(conn, tenant_id, [req.num_images], Defaults.of(res.settings))
+        if admission.refusal is not None:
+            raise admission.refusal
         created = (await conn.execute(insert(jobs).values(**row).returning(jobs))).mappings().one()
         reused = row["reuse_key"] is not None and bool(
             (await conn.execute(reuse_earlier(tenant_id, where=[jobs.c.id == created["id"]]))).first()

@@ -92,9 +92,10 @@ class RateLimited(ServiceError):
 
     code = "rate_limited"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after_s: int = 1, *, reason: str = "rate_limit_rps") -> None:
+        super().__init__(message, [{"field": reason, "message": f"over this tenant's {reason}"}])
         self.retry_after_s = retry_after_s
+        self.reason = reason  # the limit: rate_limit_rps, max_queued_jobs or max_images_per_day
 
 
 class Transient(ServiceError):

@@ -90,6 +90,12 @@ class LoraRef(_Strict):
     scale: float = Field(1.0, ge=0, le=2)
 
 
+# The API document states what the prompt validators check, as far as a JSON Schema can: a character other than
+# whitespace and no NUL (the limit of 4000 applies after trimming; the document's is the safe side of it).
+_NO_NUL = r"^[^\x00]*$"
+_PROMPT_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": 4000, "pattern": r"^[^\x00]*[^\s\x00][^\x00]*$"}
+
+
 class JobRequest(_Strict):
     """A job request (POST /v1/jobs, and each line of a batch), exactly as API.md specifies it.
 
@@ -100,8 +106,8 @@ class JobRequest(_Strict):
 
     kind: Literal["generate", "edit"] = "generate"
     mode: Literal["instruct", "img2img", "inpaint"] | None = Field(None, validate_default=True)
-    prompt: str
-    negative_prompt: str | None = Field(None, max_length=4000)
+    prompt: str = Field(json_schema_extra=_PROMPT_SCHEMA)
+    negative_prompt: str | None = Field(None, max_length=4000, json_schema_extra={"pattern": _NO_NUL})
     width: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=PIXELS_PER_TOKEN)
     height: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=PIXELS_PER_TOKEN)
     steps: int | None = Field(None, ge=1, le=100)

@@ -137,6 +137,22 @@ class Settings(BaseSettings):
     max_batch_jobs: int = Field(10_000, ge=1, le=100_000)
     max_batch_body_bytes: int = Field(32 << 20, ge=1024)
 
+    # --- rate limits and quotas per tenant: these defaults, or the tenant's own (`zimage-admin set-limits`) ---
+    # 0 is no limit. Requests per second, counted in Redis across API processes (fixed one-second windows).
+    rate_limit_rps: int = Field(0, ge=0)
+    # Queued + running jobs, and images submitted per UTC day; counted by Postgres in the submit transaction.
+    # A tenant's own max_batch_jobs may lower the one above for it.
+    max_queued_jobs: int = Field(100_000, ge=0)
+    max_images_per_day: int = Field(0, ge=0)
+    # /readyz answers 503 while more jobs than this are queued, so a load balancer sheds load; 0: off.
+    readyz_max_queue_depth: int = Field(0, ge=0)
+    # A request's line and headers must arrive within header_timeout_s (else 408, closed) and stay under
+    # max_header_bytes (else 431, closed): api/head_limits.py, uvicorn's --http api.head_limits:GuardedHttpTools.
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    max_header_bytes: int = Field(64 << 10, ge=4096)
+    max_header_value_bytes: int = Field(8 << 10, ge=256)  # one header's value (431 above)
+    max_query_params: int = Field(256, ge=1)  # 400 above
+
     # --- observability ---
     # Each worker process serves its Prometheus metrics on this port (0: none); the API serves GET /metrics.
     metrics_port: int = Field(9200, ge=0, le=65535)

@@ -123,6 +123,8 @@ class Stack:
                 "127.0.0.1",
                 "--port",
                 str(self.api_port),
+                "--http",
+                "api.head_limits:GuardedHttpTools",
                 "--log-level",
                 "warning",
                 "--no-access-log",

@@ -31,7 +31,11 @@ _BATCH_BODY = {
                     "required": ["jobs"],
                     "properties": {
                         "defaults": {"type": "object", "description": "fields every job gets unless it sets them"},
-                        "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobRequest"}},
+                        "jobs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"$ref": "#/components/schemas/JobRequest"},
+                        },
                         "metadata": {"type": "object"},
                     },
                 }
@@ -104,7 +108,7 @@ async def list_batch_jobs(
     tenant: TenantDep,
     status: StatusFilter | None = None,
     limit: Annotated[int, Query(ge=1, le=job_ops.MAX_PAGE)] = 20,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(pattern=job_ops.CURSOR_PATTERN)] = None,
 ) -> dict[str, Any]:
     """The batch's jobs, newest first, a page at a time."""
     return await batch_ops.list_batch_jobs(

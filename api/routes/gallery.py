@@ -18,7 +18,11 @@ from core.schemas import ErrorBody
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422, 503)}
+# Stated as JSON: given as a model, FastAPI would document the errors in the route's own media type, HTML.
+_ERROR_JSON = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": "an error", "content": _ERROR_JSON} for code in (401, 404, 422, 503)
+}
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ async def list_jobs(
     status: StatusFilter | None = None,
     batch_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=job_ops.MAX_PAGE)] = 20,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(pattern=job_ops.CURSOR_PATTERN)] = None,
 ) -> dict[str, Any]:
     """The tenant's jobs, newest first, a page at a time."""
     return await job_ops.list_jobs(

@@ -26,7 +26,7 @@ _MULTIPART_BODY = {
                 "schema": {
                     "type": "object",
                     "required": [FILE_FIELD],
-                    "properties": {FILE_FIELD: {"type": "string", "format": "binary"}},
+                    "properties": {FILE_FIELD: {"type": "string", "format": "binary", "minLength": 1}},
                 }
             }
         },
