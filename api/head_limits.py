@@ -31,6 +31,7 @@ from api import errors
 from core.settings import get_settings
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_LINGER_S = 1.0  # after a refusal, how long the connection drains before it closes
 
 
 def _error_bytes(status: int, code: str, message: str) -> bytes:
@@ -56,6 +57,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._begun = False  # ... and that request has begun
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False  # answered 408 / 431: what still arrives is dropped until the socket closes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """A new connection: its first head is due within the header timeout."""
@@ -70,7 +72,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Parse, then refuse a head that has grown past its cap without ending."""
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():
@@ -103,7 +105,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not self._in_head or self.transport.is_closing():
+        if not self._in_head or self._refused or self.transport.is_closing():
             return
         if self._begun:
             message = f"the request line and headers did not arrive within {self._header_timeout_s:g} s"
@@ -112,10 +114,15 @@ class GuardedHttpTools(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer and close, lingering: closing with unread bytes would reset the connection and could lose the
+        answer, so the sending side is shut, what still arrives is dropped, and the socket closes a moment later."""
         self._in_head = False
         self._disarm()
+        self._refused = True
         self.transport.write(_error_bytes(status, code, message))
-        self.transport.close()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(_LINGER_S, self.transport.close)
 
 
 class HeadLimit:
