@@ -21,6 +21,7 @@ from sqlalchemy import Engine, text
 from client import ZImageClient
 from core.settings import Settings
 from deploy.stack import Stack
+from tests.fixtures.services import cancel_backlog
 from zimage_client import Client, NotFound, RetryPolicy, Unauthorized, ValidationError
 from zimage_client.transfer import file_sha256
 
@@ -49,6 +50,7 @@ def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
         api_port=port,
         s3_port=None,
     )
+    cancel_backlog(settings)  # this module's jobs run first, not earlier modules' leftovers
     run.start()
     yield run
     run.stop()

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from client import ZImageClient
 from core.settings import Settings
 from deploy.stack import Stack, free_port
+from tests.fixtures.services import cancel_backlog
 
 pytestmark = pytest.mark.e2e
 
@@ -34,6 +35,7 @@ def stack(settings: Settings, tiny_omni_dir: Path, tmp_path_factory: pytest.Temp
         s3_port=None,
         worker_queues="generate,edit",
     )
+    cancel_backlog(settings)  # this module's jobs run first, not earlier modules' leftovers
     run.start()
     yield run
     run.stop()

@@ -16,6 +16,7 @@ from core.settings import Settings
 from core.status import JobStatus
 from core.transition import transition
 from deploy.stack import Stack, free_port
+from tests.fixtures.services import cancel_backlog
 
 pytestmark = pytest.mark.e2e
 
@@ -33,6 +34,7 @@ def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
         api_port=port,
         s3_port=None,
     )
+    cancel_backlog(settings)  # this module's jobs run first, not earlier modules' leftovers
     run.start()
     yield run
     run.stop()

@@ -21,6 +21,7 @@ from core.admin import create_key
 from core.links import gallery_url
 from core.settings import Settings
 from deploy.stack import Stack, free_port
+from tests.fixtures.services import cancel_backlog
 from tests.helpers.api import auth
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
@@ -53,6 +54,7 @@ def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
         api_port=port,
         s3_port=None,
     )
+    cancel_backlog(settings)  # this module's jobs run first, not earlier modules' leftovers
     run.start()
     yield run
     run.stop()

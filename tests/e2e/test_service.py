@@ -23,6 +23,7 @@ from client import ZImageClient
 from core import storage
 from core.settings import Settings
 from deploy.stack import Stack
+from tests.fixtures.services import cancel_backlog
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +53,7 @@ def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
         api_port=port,
         s3_port=None,
     )
+    cancel_backlog(settings)  # this module's jobs run first, not earlier modules' leftovers
     run.start()
     yield run
     run.stop()

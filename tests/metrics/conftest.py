@@ -16,6 +16,7 @@ from sqlalchemy import Engine, text
 from core.admin import create_key
 from core.settings import Settings
 from deploy.stack import Stack, free_port
+from tests.fixtures.services import cancel_backlog
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
         s3_port=None,
         worker_queues="generate",
     )
+    cancel_backlog(settings)  # this package's jobs run first, not earlier modules' leftovers
     try:
         run.start_api()
         run.start_worker()

@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from core.settings import Settings
 from deploy.stack import Stack
+from tests.fixtures.services import cancel_backlog
 from tests.helpers.webhooks import HANG, Receiver, attempts, deliveries, settled, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +41,7 @@ def stack(hook_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
         api_port=port,
         s3_port=None,
     )
+    cancel_backlog(hook_settings)  # this module's jobs run first, not earlier modules' leftovers
     run.start()
     yield run
     run.stop()
