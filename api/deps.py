@@ -12,8 +12,9 @@ from api.resources import Resources
 from core import errors
 
 
-def get_resources(request: Request) -> Resources:
-    """The resources the lifespan built for this process."""
+async def get_resources(request: Request) -> Resources:
+    """The resources the lifespan built for this process (``async``: FastAPI runs a plain function dependency in
+    its thread pool, a thread hand-off on every request)."""
     return request.app.state.resources
 
 

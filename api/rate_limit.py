@@ -6,12 +6,14 @@ byte of the body. Otherwise the caller travels in the request's scope to ``api.d
 nothing left to look up.
 
 The count lives in Redis, shared by every API process, through the ``limits`` package (fixed one-second windows:
-one Lua call per request). Should Redis fail, the limiter lets requests through (fail open) and counts them in
-``zimage_rate_limiter_failopen_total``: Postgres still decides the quotas that protect the queue.
+one Lua call per tenant for the requests that arrive together). Should Redis fail, the limiter lets requests
+through (fail open) and counts them in ``zimage_rate_limiter_failopen_total``: Postgres still decides the quotas
+that protect the queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -36,7 +38,13 @@ CALLER = "zimage.caller"  # the key of the resolved caller in the scope's state
 
 
 class RateLimiter:
-    """Counts each tenant's requests per second in Redis; fails open."""
+    """Counts each tenant's requests per second in Redis; fails open.
+
+    Requests of one tenant that arrive together (in one turn of the event loop) are counted with one increment
+    of their number, the way ``limits``' fixed window counts a hit of that cost, and the counter's new value says
+    exactly which of them are within the limit: the first ``limit - count before`` are, the rest are not. One
+    Redis call per tenant per turn instead of one per request.
+    """
 
     def __init__(self, redis_url: str, prefix: str) -> None:
         self._pool = aioredis.ConnectionPool.from_url(
@@ -49,6 +57,8 @@ class RateLimiter:
         self._limiter = FixedWindowRateLimiter(storage)
         self._items: dict[int, RateLimitItem] = {}
         self._skip_until = 0.0
+        self._pending: dict[tuple[str, int], list[asyncio.Future[bool]]] = {}
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def allow(self, tenant_id: str, rps: int) -> bool:
         """Count one request of ``tenant_id``; False when it is over ``rps`` in this second (0: no limit)."""
@@ -57,19 +67,41 @@ class RateLimiter:
         if time.monotonic() < self._skip_until:
             RATE_LIMITER_FAILOPEN.inc()
             return True
+        loop = asyncio.get_running_loop()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        future: asyncio.Future[bool] = loop.create_future()
+        self._pending.setdefault((tenant_id, rps), []).append(future)
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for (tenant_id, rps), futures in pending.items():
+            task = asyncio.create_task(self._count(tenant_id, rps, futures))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def _count(self, tenant_id: str, rps: int, futures: list[asyncio.Future[bool]]) -> None:
         item = self._items.get(rps)
         if item is None:
             item = self._items[rps] = RateLimitItemPerSecond(rps)
         try:
-            return await self._limiter.hit(item, tenant_id)
-        except Exception as exc:  # Redis down or slow: let the request through, Postgres still decides quotas
-            RATE_LIMITER_FAILOPEN.inc()
+            count = await self._limiter.storage.incr(item.key_for(tenant_id), item.get_expiry(), amount=len(futures))
+        except Exception as exc:  # Redis down or slow: let the requests through, Postgres still decides quotas
+            RATE_LIMITER_FAILOPEN.inc(len(futures))
             self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_S
             log.warning("rate limiter unavailable, requests pass unlimited for %.0f s: %s", _SKIP_AFTER_FAILURE_S, exc)
-            return True
+            within = len(futures)
+        else:
+            within = min(len(futures), max(0, item.amount - (count - len(futures))))
+        for i, future in enumerate(futures):
+            if not future.done():
+                future.set_result(i < within)
 
     async def close(self) -> None:
         """Close the limiter's Redis connections."""
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
         await self._pool.aclose()
 
 

@@ -56,6 +56,7 @@ WITH u AS (
     SET images = CASE WHEN u.day = excluded.day THEN u.images ELSE 0 END, day = excluded.day
   RETURNING u.*)
 SELECT u.images, u.submitted, u.open_at_check, u.submitted_at_check,
+       u.checked_at IS NULL AS never_counted,
        u.checked_at IS NOT NULL AND u.checked_at > clock_timestamp() - make_interval(secs => :recount_s) AS fresh,
        coalesce(t.max_queued_jobs, :d_queued) AS max_queued,
        coalesce(t.max_images_per_day, :d_images) AS max_images,
@@ -120,22 +121,28 @@ async def charge(
 
     Raises ``PayloadTooLarge`` for a batch over the tenant's own ``max_batch_jobs``.
     """
-    jobs, total = len(images), sum(images)
-    if jobs == 0:
+    if not images:
         return Admission(0)
-    today = datetime.now(UTC).date()
+    if await fits(conn, tenant_id, images, defaults, batch=batch):
+        return Admission(len(images))
+    return await _decide(conn, tenant_id, images, defaults, datetime.now(UTC).date(), batch=batch)
+
+
+async def fits(
+    conn: AsyncConnection, tenant_id: str, images: Sequence[int], defaults: Defaults, *, batch: bool = False
+) -> bool:
+    """``charge``'s common case alone, one UPDATE: True when every job fits and was counted; False when that
+    cannot be told without more (a quota in the way, the tenant's first submit), and nothing was counted."""
     params: dict[str, Any] = {
         "tenant": tenant_id,
-        "today": today,
-        "images": total,
-        "jobs": jobs,
+        "today": datetime.now(UTC).date(),
+        "images": sum(images),
+        "jobs": len(images),
         "batch": batch,
         "d_images": defaults.max_images_per_day,
         "d_queued": defaults.max_queued_jobs,
     }
-    if (await conn.execute(_FAST, params)).first() is not None:
-        return Admission(jobs)
-    return await _decide(conn, tenant_id, images, defaults, today, batch=batch)
+    return (await conn.execute(_FAST, params)).first() is not None
 
 
 async def _decide(
@@ -162,7 +169,8 @@ async def _decide(
     open_at_check, submitted_at_check = row.open_at_check, row.submitted_at_check
     bound = open_at_check + row.submitted - submitted_at_check
     recounted = False
-    if row.max_queued and bound + len(images) > row.max_queued and not row.fresh:
+    # Counted when the bound is unknown (a new row) or would refuse (and was not counted a moment ago).
+    if row.max_queued and (row.never_counted or (bound + len(images) > row.max_queued and not row.fresh)):
         open_at_check = int(await conn.scalar(_COUNT_OPEN, {"tenant": tenant_id, "cap": row.max_queued}) or 0)
         submitted_at_check, bound, recounted = row.submitted, open_at_check, True
     admitted, used = 0, row.images

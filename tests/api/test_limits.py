@@ -293,3 +293,39 @@ def test_readyz_sheds_load_when_the_queue_is_deeper_than_the_bound(
             assert r.json()["checks"]["queue"] == "ok"
     finally:
         res.queue_depth = None
+
+
+def test_most_submits_are_counted_without_counting_open_jobs(
+    client: TestClient, new_key: Callable[..., str], settings: Settings, db: Engine
+) -> None:
+    name, key = _tenant(new_key, settings, max_queued_jobs=1000)
+    for _ in range(6):
+        assert _post(client, key, num_images=2).status_code == 202
+    with db.connect() as conn:
+        usage = conn.execute(
+            text(
+                "SELECT u.images, u.submitted, u.submitted_at_check, u.checked_at FROM tenant_usage u"
+                " JOIN tenants t ON t.id = u.tenant_id WHERE t.name = :n"
+            ),
+            {"n": name},
+        ).one()
+    # counted once, at the first submit (the bound was unknown); the other five went by the bound alone
+    assert (usage.images, usage.submitted) == (12, 6)
+    assert usage.submitted_at_check == 0 and usage.checked_at is not None
+
+
+def test_requests_arriving_together_are_counted_together_and_exactly(
+    client: TestClient, new_key: Callable[..., str], settings: Settings
+) -> None:
+    _, key = _tenant(new_key, settings, rate_limit_rps=7)
+    assert client.portal is not None
+
+    async def burst() -> list[int]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            answers = await asyncio.gather(*(api.get("/v1/jobs", headers=auth(key)) for _ in range(30)))
+        return [r.status_code for r in answers]
+
+    statuses = client.portal.call(burst)  # one Redis increment of their number, per turn of the event loop
+    assert set(statuses) == {200, 429}
+    assert 7 <= statuses.count(200) <= 14, statuses  # 7 a second: one window, or two if the burst straddles
