@@ -48,7 +48,7 @@ bench: install checkpoint  ## CPU benchmark, tiny checkpoint: naive loop vs engi
 	$(PY) -m bench.engine_bench --out bench/results/engine.json
 	$(PY) -m bench.service_bench --out bench/results/service.json
 
-bench-submit: install  ## POST /v1/jobs from 32 connections for 30 s (group commit on and off, needs wrk); a 10 000-job batch
+bench-submit: install  ## POST /v1/jobs from 32 connections for 30 s (group commit on and off, rate limit on, a trivial-app reference; needs wrk); a 10 000-job batch
 	command -v wrk >/dev/null || (apt-get install -y -qq wrk >/dev/null)
 	$(PY) -m bench.submit_bench --out bench/results/submit.json
 	$(PY) -m bench.batch_bench --out bench/results/batch.json
