@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -147,6 +148,9 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(InterfaceError, _database_down)
+    # The group insert runs on the driver's connection: its errors arrive unwrapped.
+    app.add_exception_handler(psycopg.OperationalError, _database_down)
+    app.add_exception_handler(psycopg.InterfaceError, _database_down)
     app.add_exception_handler(DBAPIError, _database_down_or_bug)
     app.add_exception_handler(Exception, _unexpected)
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import psycopg
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -37,6 +38,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, Transient):
         return True
     if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    # The driver's own errors reach here where a statement runs on the raw connection (the group insert).
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return True
     if isinstance(exc, DBAPIError):
         return bool(exc.connection_invalidated)
