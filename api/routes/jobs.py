@@ -56,7 +56,7 @@ async def list_jobs(
     res: ResourcesDep,
     tenant: TenantDep,
     status: StatusFilter | None = None,
-    batch_id: str | None = None,
+    batch_id: Annotated[str | None, Query(pattern=r"^[^\x00]*$")] = None,  # Postgres cannot compare a NUL
     limit: Annotated[int, Query(ge=1, le=job_ops.MAX_PAGE)] = 20,
     cursor: Annotated[str | None, Query(pattern=job_ops.CURSOR_PATTERN)] = None,
 ) -> dict[str, Any]:

@@ -104,3 +104,12 @@ def test_thousands_of_query_parameters_are_400(live_api: LiveApi) -> None:
         r = api.get(f"/v1/jobs?{query}", headers=auth(live_api.key))
         assert r.status_code == 400
         assert r.json()["error"]["details"] == [{"field": "query", "message": "more than 256 query parameters"}]
+
+
+def test_a_nul_in_the_url_is_a_clear_error_not_a_500(live_api: LiveApi) -> None:
+    with httpx.Client(base_url=live_api.url, headers=auth(live_api.key)) as api:
+        assert api.get("/v1/jobs/job_%00x").status_code == 404  # no id holds one
+        r = api.get("/v1/jobs", params={"batch_id": "bat_\x00"})
+        assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "batch_id"
+    # a gallery token with one is malformed, answered like any malformed token: as an unknown batch
+    assert httpx.get(f"{live_api.url}/v1/batches/bat_x/gallery", params={"token": "a\x00.b"}).status_code == 404
