@@ -70,7 +70,13 @@ class BatchObject(BaseModel):
     gallery_url: str  # the batch's gallery with a short-lived signed token, for a browser
 
 
-@router.post("", status_code=202, response_model=BatchObject, responses=_ERRORS, openapi_extra=_BATCH_BODY)
+@router.post(
+    "",
+    status_code=202,
+    response_model=BatchObject,
+    responses={**_ERRORS, 200: {"model": BatchObject, "description": "the original of a repeated Idempotency-Key"}},
+    openapi_extra=_BATCH_BODY,
+)
 async def create_batch(
     request: Request,
     res: ResourcesDep,

@@ -23,7 +23,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 StatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 
-@router.post("", status_code=202, response_model=JobObject, responses=_ERRORS)
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobObject,
+    responses={**_ERRORS, 200: {"model": JobObject, "description": "the original job of a repeated Idempotency-Key"}},
+)
 async def create_job(
     req: JobRequest,
     res: ResourcesDep,

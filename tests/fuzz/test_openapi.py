@@ -67,3 +67,15 @@ def test_sequences_that_follow_ids(live: tuple[Any, dict[str, str]]) -> None:
             max_examples=8, stateful_step_count=6, deadline=None, suppress_health_check=list(HealthCheck), database=None
         ),
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/jobs", {"prompt": "replayed"}), ("/v1/batches", {"jobs": [{"prompt": "r"}]})]
+)
+def test_an_idempotent_replay_is_documented(live: tuple[Any, dict[str, str]], path: str, body: dict[str, Any]) -> None:
+    app, headers = live
+    case = schema[path]["POST"].Case(
+        body=body, headers={"Idempotency-Key": f"replay{path}"}, media_type="application/json"
+    )
+    statuses = [case.call_and_validate(app=app, headers=headers).status_code for _ in range(2)]
+    assert statuses == [202, 200]  # the replay's 200 is in the document, with its schema
