@@ -44,7 +44,7 @@ def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
     port = _free_port()
     run = Stack(
         settings.model_copy(
-            update={"api_base_url": f"http://127.0.0.1:{port}", "max_batch_images": 1, "fault_step_delay_s": 0.05}
+            update={"api_base_url": f"http://127.0.0.1:{port}", "max_batch_images": 1, "fault_step_delay_s": 0.25}
         ),
         tmp_path_factory.mktemp("stack"),
         api_port=port,

@@ -260,6 +260,7 @@ def test_bfloat16_batches_equal_single_calls() -> None:
     from bench import workloads
     from bench.gpu import TINY_SCALE, build_pipeline
 
+    torch.manual_seed(0)  # the weights are random: fixed, so the drift the guard below needs is there every run
     pipe = build_pipeline(TINY_SCALE, torch.device("cpu"), torch.bfloat16)
     jobs = workloads.mixed(12, SIZE)
     direct = [single(pipe, job, job.seeds[0]) for job in jobs]
