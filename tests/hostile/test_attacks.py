@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.helpers.api import auth
-from tests.hostile.conftest import LiveApi
+from tests.hostile.conftest import LiveApi, rss_mb
 
 ATTACK_S = 3.0
 P99_BOUND_MS = 1000.0  # generous: two shared cores run the API, Postgres, the attackers and the prober
@@ -192,7 +192,10 @@ def test_an_attack_gets_clear_errors_and_others_are_still_served(
     seen = sum(results, Counter())
     measured: dict[str, Any] = json.loads(out)
     p99 = _p99(measured["latencies"])
-    print(f"{name:<34} p99 {p99:7.1f} ms over {len(measured['latencies'])} requests; attack answers {dict(seen)}")
+    print(
+        f"{name:<34} p99 {p99:7.1f} ms over {len(measured['latencies'])} requests; attack answers {dict(seen)}"
+        f"; RSS {rss_mb(live_api.pid):.0f} MB"
+    )
     assert seen and set(seen) <= expected, seen
     assert measured["statuses"] == {"200": len(measured["latencies"])}, measured["statuses"]
     assert p99 < max(P99_BOUND_MS, 10 * baseline_p99)
