@@ -99,10 +99,11 @@ def test_an_interrupted_batch_download_resumes_on_the_same_batch(
     deadline = time.monotonic() + 60
     while not (out.is_dir() and _images(out)) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    first.send_signal(signal.SIGINT)
+    # A crash mid-download (SIGKILL: nothing of the CLI runs after it). Ctrl-C takes the same resume path, but
+    # under a loaded CI machine it once landed after the last download; a kill lands where the test says.
+    first.send_signal(signal.SIGKILL)
     _, err = first.communicate(timeout=30)
-    assert first.returncode == 130, err
-    assert "run the same command again to resume" in err
+    assert first.returncode == -signal.SIGKILL, err
     before = _images(out)
     assert 0 < len(before) < 13, "interrupted before the first file or after the last"
 
