@@ -52,6 +52,11 @@ def upload_id() -> str:
     return new_id("upl")
 
 
+def adapter_id() -> str:
+    """A new LoRA adapter id."""
+    return new_id("lora")
+
+
 def tenant_id() -> str:
     """A new tenant id."""
     return new_id("ten")

@@ -1,5 +1,5 @@
-"""Postgres tables: tenants (and their usage), API keys, batches, uploads, jobs, workers and webhook deliveries
-(SQLAlchemy 2 declarative)."""
+"""Postgres tables: tenants (and their usage), API keys, batches, uploads, adapters, jobs, workers and webhook
+deliveries (SQLAlchemy 2 declarative)."""
 
 from __future__ import annotations
 
@@ -152,6 +152,24 @@ class Upload(Base):
     __table_args__ = (Index("ix_uploads_tenant_id", "tenant_id", "id"),)
 
 
+class Adapter(Base):
+    """A LoRA adapter a tenant uploaded, checked against the served transformer; the file lives in S3."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    key: Mapped[str] = mapped_column(Text, nullable=False)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    rank: Mapped[int] = mapped_column(Integer, nullable=False)
+    target_modules: Mapped[list[str]] = mapped_column(JSONB, nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("ix_adapters_tenant_id", "tenant_id", "id"),)
+
+
 class Job(Base):
     """One generate or edit request: its normalized request, where it is in its life, and its results."""
 
@@ -183,9 +201,7 @@ class Job(Base):
     progress_total: Mapped[int | None] = mapped_column(Integer)
     error_code: Mapped[str | None] = mapped_column(String(40))
     error_message: Mapped[str | None] = mapped_column(Text)
-    outputs: Mapped[list[dict[str, Any]]] = mapped_column(
-        JSONB, nullable=False, server_default=text("'[]'::jsonb")
-    )
+    outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
     timings: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
@@ -323,9 +339,7 @@ class WebhookAttempt(Base):
 
     __tablename__ = "webhook_attempts"
 
-    delivery_id: Mapped[str] = mapped_column(
-        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True
-    )
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     status_code: Mapped[int | None] = mapped_column(Integer)
@@ -340,6 +354,7 @@ api_keys = cast(Table, ApiKey.__table__)
 tenant_usage = cast(Table, TenantUsage.__table__)
 batches = cast(Table, Batch.__table__)
 uploads = cast(Table, Upload.__table__)
+adapters = cast(Table, Adapter.__table__)
 workers = cast(Table, Worker.__table__)
 webhook_deliveries = cast(Table, WebhookDelivery.__table__)
 webhook_attempts = cast(Table, WebhookAttempt.__table__)

@@ -57,6 +57,18 @@ class Settings(BaseSettings):
     cpu_offload: bool = False  # model CPU offload for cards too small for the whole pipeline (CUDA only)
     embedding_cache_bytes: int = Field(512 << 20, ge=0)  # prompt-embedding LRU; 0 turns it off
 
+    # --- LoRA adapters (POST /v1/adapters, the ``loras`` of a job) ---
+    max_adapter_bytes: int = Field(2 << 30, ge=1024)  # a .safetensors file, streamed to S3
+    max_adapter_rank: int = Field(128, ge=1, le=1024)
+    # The transformer config adapters are checked against (a transformer/config.json, or a model folder holding
+    # one). Unset: the Turbo model's own when it is a local folder, else Z-Image's published shape.
+    adapter_base_config: str | None = None
+    # Worker caches: adapter weights loaded into the transformer (bytes on the accelerator) and their verified
+    # files kept in host memory; at start a worker loads the adapters its queue used most in the last day.
+    adapter_device_cache_bytes: int = Field(1 << 30, ge=0)
+    adapter_host_cache_bytes: int = Field(4 << 30, ge=0)
+    adapter_prewarm: int = Field(4, ge=0, le=64)
+
     # --- image inputs of edit jobs fetched from URLs ---
     # Hosts the fetcher may reach even when they resolve to private addresses ("name", "*.domain" or an IP).
     fetch_allow_hosts: list[str] = Field(default_factory=list)
@@ -163,7 +175,14 @@ class Settings(BaseSettings):
     # Prompts are user data: job log lines carry them only when this is on.
     log_prompts: bool = False
 
-    @field_validator("edit_model", "attention_backend", "s3_endpoint_url", "s3_public_endpoint_url", mode="before")
+    @field_validator(
+        "edit_model",
+        "adapter_base_config",
+        "attention_backend",
+        "s3_endpoint_url",
+        "s3_public_endpoint_url",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if v == "" else v

@@ -108,6 +108,11 @@ def upload_key(tenant_id: str, upload_id: str, ext: str) -> str:
     return f"uploads/{_segment(tenant_id)}/{_segment(upload_id)}.{_ext(ext)}"
 
 
+def adapter_key(tenant_id: str, adapter_id: str) -> str:
+    """The key of an uploaded LoRA adapter: ``adapters/<tenant>/<adapter_id>.safetensors``."""
+    return f"adapters/{_segment(tenant_id)}/{_segment(adapter_id)}.safetensors"
+
+
 def ensure_bucket(client: S3Client, bucket: str) -> None:
     """Create ``bucket`` unless it already exists; safe to call concurrently and repeatedly."""
     try:
