@@ -21,6 +21,7 @@ from core import logs, storage
 from core.db import make_engine
 from core.settings import Settings
 from core.sweeper import SweeperThread
+from worker.adapters import AdapterStore
 from worker.engine import EditEngine, EngineOptions
 from worker.engine import Engine as InferenceEngine
 from worker.engine.embeddings import CacheStats
@@ -41,6 +42,7 @@ class WorkerContext:
     db: Engine
     s3: Any
     recorder: Recorder  # stores results and records how jobs end
+    adapter_store: AdapterStore  # adapter files, fetched once and verified
     uploads: ThreadPoolExecutor
     # One thread that claims and prepares the next batch while the current one runs.
     prefetch: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefetch"))
@@ -95,6 +97,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         attention_backend=settings.attention_backend,
         cpu_offload=settings.cpu_offload,
         embedding_cache_bytes=settings.embedding_cache_bytes,
+        adapter_cache_bytes=settings.adapter_device_cache_bytes,
         oom_above_images=settings.fault_oom_above_images,
     )
 
@@ -107,13 +110,22 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
     _loads += 1
     # img2img and inpaint reuse the Turbo modules; instruct loads the Edit checkpoint when this worker serves it.
     edit_model = settings.edit_model if "edit" in queues else None
-    edit_engine = EditEngine(engine.pipe, edit_model=edit_model, options=options)
+    edit_engine = EditEngine(engine.pipe, edit_model=edit_model, options=options, adapters=engine.adapters)
     if settings.warmup:
         engine.warmup()
         edit_engine.warmup()
     db = make_engine(settings, pool_size=2)
     s3 = storage.make_s3_client(settings)
     storage.ensure_bucket(s3, settings.s3_bucket)
+    adapter_store = AdapterStore(
+        db=db,
+        s3=s3,
+        bucket=settings.s3_bucket,
+        max_bytes=settings.adapter_host_cache_bytes,
+        db_retry_s=settings.db_retry_s,
+        storage_retry_s=settings.storage_retry_s,
+    )
+    rewarm_adapters(engine, adapter_store, queues, settings.adapter_prewarm)
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     logs.set_process_fields(worker=worker_id)
     ctx = WorkerContext(
@@ -135,6 +147,7 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
             redis_prefix=settings.redis_prefix,
             log_prompts=settings.log_prompts,
         ),
+        adapter_store=adapter_store,
         uploads=ThreadPoolExecutor(
             upload_threads(settings, engine.device), thread_name_prefix="upload", initializer=_yield_cpu
         ),
@@ -160,6 +173,18 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
     _context = ctx
     log.info("worker %s ready: %s on %s", worker_id, settings.turbo_model, ",".join(queues))
     return ctx
+
+
+def rewarm_adapters(engine: InferenceEngine, store: AdapterStore, queues: tuple[str, ...], count: int) -> list[str]:
+    """Load the adapters this worker's queues used most in the last day, before the first batch; never fatal."""
+    try:
+        loaded = engine.adapters.preload(store.most_used(queues, count))
+    except Exception as exc:  # a warm cache is an optimisation: the first batches load what they need
+        log.warning("could not re-warm adapters: %s", exc)
+        return []
+    if loaded:
+        log.info("re-warmed %d adapter(s): %s", len(loaded), ",".join(loaded))
+    return loaded
 
 
 def get_context() -> WorkerContext:

@@ -12,17 +12,17 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from core import lifecycle
-from core.errors import InvalidInput, OutOfMemory, ServiceError, job_error_code
+from core.errors import OutOfMemory, ServiceError, job_error_code
 from core.events import JobEvent
 from core.lifecycle import ClaimedJob
 from core.status import ErrorCode
 from worker import metrics, process
-from worker.engine import BatchInterrupted, EditRequest, ImageRequest, PreparedBatch, RequestResult
+from worker.engine import BatchInterrupted, EditRequest, ImageRequest, LoraUse, PreparedBatch, RequestResult
 from worker.guard import BatchGuard
 from worker.inputs import edit_request
 from worker.process import WorkerContext, record_stats
@@ -30,8 +30,8 @@ from worker.process import WorkerContext, record_stats
 log = logging.getLogger(__name__)
 
 
-def image_request(job: ClaimedJob) -> ImageRequest:
-    """The engine request of a generate job."""
+def image_request(job: ClaimedJob, loras: tuple[LoraUse, ...] = ()) -> ImageRequest:
+    """The engine request of a generate job (with its adapters, fetched by the caller)."""
     r = job.request
     return ImageRequest(
         prompt=r["prompt"],
@@ -41,6 +41,7 @@ def image_request(job: ClaimedJob) -> ImageRequest:
         guidance_scale=r["guidance_scale"],
         seeds=job.seeds,
         negative_prompt=r.get("negative_prompt"),
+        loras=loras,
     )
 
 
@@ -100,9 +101,11 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
             batch.edits = _edit_requests(ctx, batch)
         else:
             started = time.perf_counter()
-            batch.prepared = ctx.engine.prepare([image_request(j) for j in jobs])
+            # The batch's adapters are fetched here, off the accelerator's thread (once per worker, then cached).
+            requests = [image_request(j, ctx.adapter_store.uses(j)) for j in jobs]
+            batch.prepared = ctx.engine.prepare(requests)
             batch.prepare_s = time.perf_counter() - started
-    except InvalidInput as exc:  # the engine refused the input: running it again cannot help
+    except ServiceError as exc:  # refused input, or an adapter gone or unreadable: running it again cannot help
         batch.invalid, batch.code = exc.message, job_error_code(exc)
     except torch.OutOfMemoryError as exc:  # the text encoder did not fit: running it again will not either
         oom = OutOfMemory(f"out of memory while encoding prompts: {exc}")
@@ -115,7 +118,8 @@ def _edit_requests(ctx: WorkerContext, batch: Batch) -> list[EditRequest]:
     requests, kept = [], []
     for job in batch.jobs:
         try:
-            requests.append(edit_request(job, db=ctx.db, s3=ctx.s3, settings=ctx.settings))
+            request = edit_request(job, db=ctx.db, s3=ctx.s3, settings=ctx.settings)
+            requests.append(replace(request, loras=ctx.adapter_store.uses(job)))
             kept.append(job)
         except ServiceError as exc:  # an input that cannot be used: this job fails alone
             ctx.recorder.fail([job], job_error_code(exc), exc.message)

@@ -3,12 +3,16 @@
 What the worker uses is exported here; benchmarks and tests reach into the submodules for the rest.
 """
 
+from worker.engine.adapters import Adapter, AdapterSlots, LoraUse
 from worker.engine.edit import EditEngine, EditRequest
 from worker.engine.options import EngineOptions
 from worker.engine.progress import BatchInterrupted, StepCallback
 from worker.engine.run import Engine, ImageRequest, PreparedBatch, RequestResult
 
 __all__ = [
+    "Adapter",
+    "AdapterSlots",
+    "LoraUse",
     "BatchInterrupted",
     "EditEngine",
     "EditRequest",

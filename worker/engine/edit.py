@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from core.errors import InvalidInput, OutOfMemory
 from core.work import PIXELS_PER_TOKEN, denoising_steps
+from worker.engine.adapters import AdapterSlots, LoraUse, lora_key
 from worker.engine.decode import decode_latents
 from worker.engine.oom import check_injected, run_in_halves
 from worker.engine.options import EngineOptions
@@ -71,6 +72,7 @@ class EditRequest:
     strength: float
     seeds: tuple[int, ...]
     negative_prompt: str | None = None
+    loras: tuple[LoraUse, ...] = ()  # adapters on the Turbo transformer (img2img and inpaint only)
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,16 @@ class EditEngine:
     """
 
     def __init__(
-        self, turbo_pipe: ZImagePipeline | None, *, edit_model: str | None = None, options: EngineOptions | None = None
+        self,
+        turbo_pipe: ZImagePipeline | None,
+        *,
+        edit_model: str | None = None,
+        options: EngineOptions | None = None,
+        adapters: AdapterSlots | None = None,
     ) -> None:
         """Edit with ``turbo_pipe``'s modules and/or the edit checkpoint ``edit_model``, placed as ``options`` say
-        (the options the Turbo pipeline was loaded with)."""
+        (the options the Turbo pipeline was loaded with). ``adapters``: the slots of the Turbo transformer (the
+        generate engine's, so both know what is loaded in it)."""
         if turbo_pipe is None and not edit_model:
             raise ValueError("an EditEngine needs the Turbo pipeline, an edit model, or both")
         self.options = options or EngineOptions()
@@ -101,6 +109,9 @@ class EditEngine:
         self.device = self.options.torch_device
         self.dtype = self.options.torch_dtype
         self.edit_model = edit_model
+        self.adapters = adapters
+        if turbo_pipe is not None and adapters is None:
+            self.adapters = AdapterSlots(turbo_pipe, self.options.adapter_cache_bytes)
         self.img2img: ZImageImg2ImgPipeline | None = None
         self.inpaint: ZImageInpaintPipeline | None = None
         if turbo_pipe is not None:
@@ -202,6 +213,8 @@ class EditEngine:
                 raise InvalidInput(f"instruct takes 1 to {MAX_CONDITION_IMAGES} images, got {len(request.images)}")
             if self.omni is None:
                 raise InvalidInput("instruct edits need an edit model: set ZIMAGE_EDIT_MODEL")
+            if request.loras:
+                raise InvalidInput("instruct edits take no adapters: adapters apply to the Turbo transformer")
         elif request.mode in ("img2img", "inpaint"):
             if self.img2img is None:
                 raise InvalidInput(f"{request.mode} edits need the Turbo pipeline on this worker")
@@ -218,7 +231,8 @@ class EditEngine:
         """One img2img or inpaint call for images whose requests share mode, size, steps, strength, guidance."""
         first = items[0][0]
         pipe = self.inpaint if mode == "inpaint" else self.img2img
-        assert pipe is not None  # _check refused img2img / inpaint without Turbo
+        assert pipe is not None and self.adapters is not None  # _check refused img2img / inpaint without Turbo
+        self.adapters.activate(first.loras)
         # The pipelines encode the image at its own size and noise latents of the requested size: they must
         # agree, so every image is fitted (scaled and centre-cropped, never stretched) to the output size.
         # Each output image gets its own copy of its request's inputs, so the batch is one tensor.
@@ -278,7 +292,8 @@ def _plan(requests: Sequence[EditRequest]) -> list[_Call]:
         else:
             # What one img2img / inpaint call shares: the latents' shape, the schedule and the guidance.
             strength, guidance = float(request.strength), float(request.guidance_scale)
-            key = (request.mode, request.width, request.height, request.steps, strength, guidance)
+            shape = (request.width, request.height, request.steps, strength, guidance, lora_key(request.loras))
+            key = (request.mode, *shape)
         members.setdefault(key, []).append(index)
     calls = []
     for indices in members.values():

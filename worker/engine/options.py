@@ -14,6 +14,8 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 from worker.engine.decode import DEFAULT_DECODE_PIXELS
 from worker.engine.embeddings import DEFAULT_CACHE_BYTES
 
+DEFAULT_ADAPTER_BYTES = 1 << 30  # LoRA weights kept in the transformer (rank 32 on every projection: ~0.2 GB)
+
 _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -43,6 +45,7 @@ class EngineOptions:
     attention_backend: str | None = None  # a diffusers attention backend; None: PyTorch's SDPA
     cpu_offload: bool = False  # model CPU offload for cards too small for the pipeline (CUDA only)
     embedding_cache_bytes: int = DEFAULT_CACHE_BYTES  # prompt-embedding LRU; 0 turns it off
+    adapter_cache_bytes: int = DEFAULT_ADAPTER_BYTES  # LoRA adapters kept loaded in the transformer
     pad_to_longest: bool | None = None  # pad prompts to the longest of the batch, not 512
     min_call_tokens: int | None = None  # below this, caption buckets share one (masked) call
     decode_pixels: int = DEFAULT_DECODE_PIXELS  # VAE decode chunk, in output pixels
@@ -55,7 +58,12 @@ class EngineOptions:
         for name in ("compile_transformer", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name, low in (("embedding_cache_bytes", 0), ("min_call_tokens", 0), ("decode_pixels", 1)):
+        for name, low in (
+            ("embedding_cache_bytes", 0),
+            ("adapter_cache_bytes", 0),
+            ("min_call_tokens", 0),
+            ("decode_pixels", 1),
+        ):
             value = getattr(self, name)
             if name == "min_call_tokens" and value is None:
                 continue

@@ -23,6 +23,7 @@ from PIL import Image
 
 from core.errors import InvalidInput, OutOfMemory
 from core.work import PIXELS_PER_TOKEN, image_tokens
+from worker.engine.adapters import AdapterSlots, LoraUse, lora_key
 from worker.engine.batching import caption_bucket, default_min_call_tokens, distinct, plan_calls
 from worker.engine.decode import decode_latents
 from worker.engine.embeddings import ENCODE_CHUNK, EmbeddingCache, PromptEncoder
@@ -47,6 +48,7 @@ class ImageRequest:
     guidance_scale: float
     seeds: tuple[int, ...]
     negative_prompt: str | None = None
+    loras: tuple[LoraUse, ...] = ()  # adapters and scales; none: the bare model
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class BatchShape:
     height: int
     steps: int
     guidance_scale: float
+    loras: tuple[tuple[str, float], ...] = ()  # the adapter set (names and scales)
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class Engine:
         if embedding_cache is None and options.embedding_cache_bytes > 0:
             embedding_cache = EmbeddingCache(options.embedding_cache_bytes)
         self.embedding_cache = embedding_cache
+        # Adapters live in the transformer: one set of slots per pipeline, shared with the img2img and inpaint
+        # pipelines built on the same modules.
+        self.adapters = AdapterSlots(pipe, options.adapter_cache_bytes)
         text_lock = threading.Lock()
         # Padding to the longest prompt (and encoding prompts together) only where the embeddings stay identical
         # to the pipeline's: float32. In half precision each prompt is encoded alone at 512, as the pipeline does.
@@ -208,6 +214,8 @@ class Engine:
         with self._run_lock:
             started = time.perf_counter()
             try:
+                # The batch's adapters (loaded once, then a switch of a few attribute writes per layer), or none.
+                self.adapters.activate(prepared.requests[0].loras)
                 # inference_mode: no version counters or view tracking on any op (2-5% on the tiny CPU model).
                 with torch.inference_mode():
                     images, failed = self._run_calls(prepared, prepared.shape, on_step)
@@ -286,12 +294,17 @@ class Engine:
 
     def _shared_shape(self, requests: Sequence[ImageRequest]) -> BatchShape:
         """Check the requests can share one call and return what they share."""
-        first = requests[0]
-        shape = BatchShape(first.width, first.height, first.steps, float(first.guidance_scale))
+
+        def shape_of(r: ImageRequest) -> BatchShape:
+            return BatchShape(r.width, r.height, r.steps, float(r.guidance_scale), lora_key(r.loras))
+
+        shape = shape_of(requests[0])
         for request in requests:
-            other = BatchShape(request.width, request.height, request.steps, float(request.guidance_scale))
+            other = shape_of(request)
             if other != shape:
-                raise InvalidInput(f"requests in one batch must share size, steps and guidance: {shape} != {other}")
+                raise InvalidInput(
+                    f"requests in one batch must share size, steps, guidance and adapters: {shape} != {other}"
+                )
             if not request.seeds:
                 raise InvalidInput("every request needs at least one seed")
         multiple = PIXELS_PER_TOKEN
