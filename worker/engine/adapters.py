@@ -129,8 +129,9 @@ class AdapterSlots:
                     continue
                 self._ensure(adapter, keep=set())
                 done.append(adapter.name)
-            if done and not self._active:
-                self.pipe.transformer.disable_lora()  # a load activates the adapter it loads
+            if done:  # a load activates the adapter it loads: back to the bare model
+                self.pipe.transformer.disable_lora()
+                self._active = ()
         return done
 
     def _size(self, adapter: Adapter) -> int:
