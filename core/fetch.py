@@ -16,7 +16,9 @@ Rules, every one applied again on each redirect hop:
 - one deadline covers the whole fetch; the body is streamed, cut at ``max_bytes`` and taken as sent
   (``Accept-Encoding: identity``; a compressed answer is refused, so no decompression bomb).
 
-Every refusal or failure raises ``ValidationFailed`` naming the caller's field (``input_images.0.url``).
+Every refusal or failure raises ``ValidationFailed`` naming the caller's field (``input_images.0.url``); a body
+over the cap raises the caller's ``too_large`` class (adapters: ``PayloadTooLarge``). ``fetch_url`` reads a body
+whole (an image); ``open_url`` hands it over as it streams (an adapter of up to 2 GiB, never held whole).
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
 
-from core.errors import ValidationFailed
+from core.errors import InvalidInput, ValidationFailed
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -38,11 +41,8 @@ DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_REDIRECTS = 3
 _REDIRECTS = {301, 302, 303, 307, 308}
-_HEADERS = {
-    "Accept": "image/png, image/jpeg, image/webp",
-    "Accept-Encoding": "identity",
-    "User-Agent": "zimage-fetch/1",
-}
+IMAGE_TYPES = "image/png, image/jpeg, image/webp"
+_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "zimage-fetch/1"}
 
 # Address blocks never fetched from (IANA special-purpose registries plus cloud platform endpoints), with
 # the reason given to the client. ``ipaddress.is_global`` alone is not enough on Python 3.11: it calls
@@ -148,7 +148,46 @@ def precheck_url(url: str, *, field: str, allow_hosts: Collection[str] = ()) -> 
     return parsed
 
 
-def fetch_url(
+class Body:
+    """A fetched answer whose body is not read yet: where it finally came from, and its bytes as they arrive."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        url: str,
+        *,
+        field: str,
+        max_bytes: int,
+        deadline: float,
+        timeout_s: float,
+        too_large: type[InvalidInput],
+    ) -> None:
+        self.url = url
+        self.content_type = response.headers.get("content-type")
+        self._response = response
+        self._field, self._max_bytes, self._too_large = field, max_bytes, too_large
+        self._deadline, self._timeout_s = deadline, timeout_s
+
+    def pieces(self) -> Iterator[bytes]:
+        """The body as it streams in, refused as soon as it passes the cap or the deadline."""
+        field, received = self._field, 0
+        try:
+            # No chunk size: each network read is seen as it arrives, so a dripping server meets the deadline.
+            for piece in self._response.iter_raw():
+                received += len(piece)
+                if received > self._max_bytes:
+                    raise _refused(field, f"is over the limit of {self._max_bytes} bytes", self._too_large)
+                if time.monotonic() > self._deadline:
+                    raise _refused(field, f"did not finish within {self._timeout_s:g} s")
+                yield piece
+        except httpx.TimeoutException:
+            raise _refused(field, f"did not finish within {self._timeout_s:g} s") from None
+        except httpx.HTTPError as exc:
+            raise _refused(field, f"broke off ({type(exc).__name__}: {exc})") from None
+
+
+@contextmanager
+def open_url(
     url: str,
     *,
     field: str,
@@ -157,17 +196,22 @@ def fetch_url(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_redirects: int = DEFAULT_MAX_REDIRECTS,
     ssl_context: ssl.SSLContext | None = None,
-) -> Fetched:
-    """Download ``url`` under every rule of this module; raises ValidationFailed naming ``field``."""
+    accept: str = IMAGE_TYPES,
+    too_large: type[InvalidInput] = ValidationFailed,
+) -> Iterator[Body]:
+    """Open ``url`` under every rule of this module (redirects followed by hand), its body left to stream; raises
+    ValidationFailed naming ``field`` (``too_large`` for a body over ``max_bytes``). Blocks: call it off an event
+    loop."""
     deadline = time.monotonic() + timeout_s
     current = precheck_url(url, field=field, allow_hosts=allow_hosts)
+    headers = {**_HEADERS, "Accept": accept}
     # trust_env=False: no proxy from the environment (a proxy would resolve names itself) and no .netrc.
     with httpx.Client(
         trust_env=False, follow_redirects=False, verify=ssl_context if ssl_context is not None else True
     ) as client:
         for _hop in range(max_redirects + 1):
             address = checked_address(current, field=field, allow_hosts=allow_hosts)
-            request = _pinned_request(client, current, address, deadline, field)
+            request = _pinned_request(client, current, address, deadline, field, headers)
             try:
                 response = client.send(request, stream=True)
             except httpx.TimeoutException:
@@ -181,11 +225,46 @@ def fetch_url(
                         raise _refused(field, f"answered {response.status_code} without a Location")
                     current = precheck_url(str(current.join(location)), field=field, allow_hosts=allow_hosts)
                     continue
-                data = _read_body(response, field=field, max_bytes=max_bytes, deadline=deadline, timeout_s=timeout_s)
-                return Fetched(data=data, url=str(current), content_type=response.headers.get("content-type"))
+                _check_answer(response, field=field, max_bytes=max_bytes, too_large=too_large)
+                yield Body(
+                    response,
+                    str(current),
+                    field=field,
+                    max_bytes=max_bytes,
+                    deadline=deadline,
+                    timeout_s=timeout_s,
+                    too_large=too_large,
+                )
+                return
             finally:
                 response.close()
     raise _refused(field, f"redirected more than {max_redirects} times")
+
+
+def fetch_url(
+    url: str,
+    *,
+    field: str,
+    allow_hosts: Collection[str] = (),
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_redirects: int = DEFAULT_MAX_REDIRECTS,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Fetched:
+    """Download ``url`` (an image) under every rule of this module; raises ValidationFailed naming ``field``."""
+    with open_url(
+        url,
+        field=field,
+        allow_hosts=allow_hosts,
+        timeout_s=timeout_s,
+        max_bytes=max_bytes,
+        max_redirects=max_redirects,
+        ssl_context=ssl_context,
+    ) as body:
+        data = bytearray()
+        for piece in body.pieces():
+            data.extend(piece)
+        return Fetched(data=bytes(data), url=body.url, content_type=body.content_type)
 
 
 def checked_address(url: httpx.URL, *, field: str, allow_hosts: Collection[str]) -> str:
@@ -226,7 +305,7 @@ def pinned(url: httpx.URL, address: str) -> tuple[httpx.URL, dict[str, str], dic
 
 
 def _pinned_request(
-    client: httpx.Client, url: httpx.URL, address: str, deadline: float, field: str
+    client: httpx.Client, url: httpx.URL, address: str, deadline: float, field: str, headers: dict[str, str]
 ) -> httpx.Request:
     """A GET of ``url`` sent to ``address``, with the name kept in the Host header and TLS SNI."""
     remaining = deadline - time.monotonic()
@@ -234,14 +313,12 @@ def _pinned_request(
         raise _refused(field, "took too long (redirects)")
     target, host, extensions = pinned(url, address)
     return client.build_request(
-        "GET", target, headers={**_HEADERS, **host}, timeout=httpx.Timeout(remaining), extensions=extensions
+        "GET", target, headers={**headers, **host}, timeout=httpx.Timeout(remaining), extensions=extensions
     )
 
 
-def _read_body(
-    response: httpx.Response, *, field: str, max_bytes: int, deadline: float, timeout_s: float
-) -> bytes:
-    """The response body, streamed and refused as soon as it passes the cap or the deadline."""
+def _check_answer(response: httpx.Response, *, field: str, max_bytes: int, too_large: type[InvalidInput]) -> None:
+    """Refuse an answer whose status, encoding or declared length rules its body out before it is read."""
     if response.status_code != 200:
         raise _refused(field, f"answered HTTP {response.status_code}")
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
@@ -249,21 +326,7 @@ def _read_body(
         raise _refused(field, f"answered with a compressed body ({encoding})")
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _refused(field, f"is {declared} bytes; the limit is {max_bytes}")
-    body = bytearray()
-    try:
-        # No chunk size: each network read is seen as it arrives, so a dripping server meets the deadline.
-        for piece in response.iter_raw():
-            body.extend(piece)
-            if len(body) > max_bytes:
-                raise _refused(field, f"is over the limit of {max_bytes} bytes")
-            if time.monotonic() > deadline:
-                raise _refused(field, f"did not finish within {timeout_s:g} s")
-    except httpx.TimeoutException:
-        raise _refused(field, f"did not finish within {timeout_s:g} s") from None
-    except httpx.HTTPError as exc:
-        raise _refused(field, f"broke off ({type(exc).__name__}: {exc})") from None
-    return bytes(body)
+        raise _refused(field, f"is {declared} bytes; the limit is {max_bytes}", too_large)
 
 
 def _is_ip(host: str) -> bool:
@@ -274,5 +337,5 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _refused(field: str, message: str) -> ValidationFailed:
-    return ValidationFailed(f"{field} {message}", [{"field": field, "message": f"the URL {message}"}])
+def _refused(field: str, message: str, cls: type[InvalidInput] = ValidationFailed) -> InvalidInput:
+    return cls(f"{field} {message}", [{"field": field, "message": f"the URL {message}"}])

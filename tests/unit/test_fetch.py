@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from core import fetch
-from core.errors import ValidationFailed
-from core.fetch import fetch_url, forbidden_reason, host_allowed, precheck_url
+from core.errors import PayloadTooLarge, ValidationFailed
+from core.fetch import fetch_url, forbidden_reason, host_allowed, open_url, precheck_url
 
 FIELD = "input_images.0.url"
 BODY = b"\x89PNG\r\n\x1a\n" + b"pretend image " * 100
@@ -30,6 +30,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.seen.append((self.path, self.headers.get("Host", "")))
+        self.server.accepts.append(self.headers.get("Accept", ""))
         route = self.path.split("?", 1)[0]
         if route == "/image":
             self._send(200, BODY, {"Content-Type": "image/png"})
@@ -86,6 +87,7 @@ class TestServer(http.server.ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.seen: list[tuple[str, str]] = []
+        self.accepts: list[str] = []  # the Accept header of each request
 
     @property
     def port(self) -> int:
@@ -228,9 +230,7 @@ def test_loopback_server_is_refused(server: TestServer) -> None:
     assert server.seen == []
 
 
-def test_public_looking_name_resolving_to_loopback_is_refused(
-    lookups: FakeResolver, server: TestServer
-) -> None:
+def test_public_looking_name_resolving_to_loopback_is_refused(lookups: FakeResolver, server: TestServer) -> None:
     lookups["cdn.images-example.com"] = ["127.0.0.1"]
     error = refused(f"https://cdn.images-example.com:{server.port}/image", message="loopback")
     assert "127.0.0.1" in error.message
@@ -298,9 +298,7 @@ def test_allow_listed_loopback_host_is_fetched_over_http(server: TestServer) -> 
     assert server.seen == [("/image", f"127.0.0.1:{server.port}")]
 
 
-def test_allow_listed_name_connects_to_the_address_resolved_once(
-    lookups: FakeResolver, server: TestServer
-) -> None:
+def test_allow_listed_name_connects_to_the_address_resolved_once(lookups: FakeResolver, server: TestServer) -> None:
     # images.test is not in any real DNS: the request can only arrive if it went to the pinned address.
     lookups["images.test"] = ["127.0.0.1"]
     got = fetch_url(f"http://images.test:{server.port}/image", field=FIELD, allow_hosts=["images.test"])
@@ -356,6 +354,29 @@ def test_streamed_size_over_the_cap_is_refused(server: TestServer) -> None:
     url = f"http://127.0.0.1:{server.port}/big-unannounced"
     refused(url, allow_hosts=["127.0.0.1"], max_bytes=10_000, message="limit")
     assert len(fetch_url(url, field=FIELD, allow_hosts=["127.0.0.1"], max_bytes=200_000).data) == 100_000
+
+
+def test_open_url_streams_the_body_in_pieces_and_sends_the_callers_accept(server: TestServer) -> None:
+    url = f"http://127.0.0.1:{server.port}/big-unannounced"
+    with open_url(url, field=FIELD, allow_hosts=["127.0.0.1"], accept="application/octet-stream") as body:
+        pieces = list(body.pieces())
+        assert body.url == url
+    assert sum(len(p) for p in pieces) == 100_000 and len(pieces) > 1  # handed over as they arrived
+    assert server.accepts[-1] == "application/octet-stream"
+    assert fetch_url(f"http://127.0.0.1:{server.port}/image", field=FIELD, allow_hosts=["127.0.0.1"]).data == BODY
+    assert server.accepts[-1] == "image/png, image/jpeg, image/webp"
+
+
+def test_open_url_raises_the_callers_class_for_a_body_over_the_cap(server: TestServer) -> None:
+    for route in ("/big", "/big-unannounced"):  # declared, and found while streaming
+        with pytest.raises(PayloadTooLarge) as info:
+            url = f"http://127.0.0.1:{server.port}{route}"
+            with open_url(
+                url, field="url", allow_hosts=["127.0.0.1"], max_bytes=10_000, too_large=PayloadTooLarge
+            ) as b:
+                for _ in b.pieces():
+                    pass
+        assert info.value.details[0]["field"] == "url" and "limit" in info.value.message
 
 
 def test_slow_server_times_out(server: TestServer) -> None:
@@ -420,6 +441,4 @@ def test_https_goes_to_the_pinned_address_with_sni_and_certificate_of_the_name(
     assert server.seen == [("/image", f"images.test:{server.port}")]
     # The certificate is checked against the name: the same server reached under another name fails.
     lookups["other.test"] = ["127.0.0.1"]
-    refused(
-        f"https://other.test:{server.port}/image", allow_hosts=["other.test"], ssl_context=trust, message="fetched"
-    )
+    refused(f"https://other.test:{server.port}/image", allow_hosts=["other.test"], ssl_context=trust, message="fetched")
