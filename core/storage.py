@@ -1,4 +1,5 @@
-"""S3-compatible object storage: object keys, checksummed puts, presigned GETs, deletes and a readiness ping.
+"""S3-compatible object storage: object keys, checksummed puts (whole, or in parts for large files), presigned GETs,
+deletes and a readiness ping.
 
 Every failure of a call here is raised as a ``StorageError`` of the service's error tree (``core.errors``): a
 ``TransientStorageError`` for 5xx, throttling, timeouts and lost connections, where retrying may help.
@@ -166,6 +167,46 @@ def put_object_checked(
             f"put s3://{bucket}/{key}: server stored checksum {echoed}, sent {checksum}", code="BadDigest"
         )
     return digest.hex()
+
+
+def start_multipart(client: S3Client, bucket: str, key: str, content_type: str) -> str:
+    """Begin a multipart upload whose parts carry SHA-256 checksums the server verifies; returns its upload id."""
+    with _translated(f"start multipart upload s3://{bucket}/{key}"):
+        response = client.create_multipart_upload(
+            Bucket=bucket, Key=key, ContentType=content_type, ChecksumAlgorithm="SHA256"
+        )
+    return str(response["UploadId"])
+
+
+def upload_part_checked(
+    client: S3Client, bucket: str, key: str, upload_id: str, number: int, data: bytes
+) -> dict[str, Any]:
+    """Send part ``number`` (from 1) of a multipart upload with its SHA-256 (a corrupted part is refused with
+    BadDigest, as for ``put_object_checked``); returns the part's entry for ``complete_multipart``."""
+    checksum = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+    with _translated(f"upload part {number} of s3://{bucket}/{key}"):
+        response = client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ChecksumSHA256=checksum
+        )
+    echoed = response.get("ChecksumSHA256")
+    if echoed is not None and echoed != checksum:
+        raise TransientStorageError(
+            f"upload part {number} of s3://{bucket}/{key}: server stored checksum {echoed}, sent {checksum}",
+            code="BadDigest",
+        )
+    return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
+
+
+def complete_multipart(client: S3Client, bucket: str, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
+    """Assemble the uploaded parts (in order) into the object."""
+    with _translated(f"complete multipart upload s3://{bucket}/{key}"):
+        client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+
+
+def abort_multipart(client: S3Client, bucket: str, key: str, upload_id: str) -> None:
+    """Drop a multipart upload and every part sent so far (nothing of it stays in the bucket)."""
+    with _translated(f"abort multipart upload s3://{bucket}/{key}"):
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
 
 
 def presign_get(client: S3Client, bucket: str, key: str, ttl_s: int) -> tuple[str, datetime]:

@@ -19,6 +19,8 @@ from core.settings import Settings
 from core.storage import (
     S3Client,
     StorageError,
+    abort_multipart,
+    complete_multipart,
     delete_keys,
     ensure_bucket,
     make_s3_client,
@@ -27,7 +29,9 @@ from core.storage import (
     presign_get,
     put_object_checked,
     result_key,
+    start_multipart,
     upload_key,
+    upload_part_checked,
 )
 from deploy.seaweed import SeaweedServer
 
@@ -139,6 +143,40 @@ def test_server_refuses_a_wrong_sha256_and_stores_nothing(settings: Settings, cl
     with pytest.raises(ClientError) as missing:
         client.head_object(Bucket=settings.s3_bucket, Key=key)
     assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+def test_a_multipart_upload_stores_its_parts_in_order_each_checked(settings: Settings, client: S3Client) -> None:
+    key, bucket = _key("big.bin"), settings.s3_bucket
+    parts = [os.urandom(5 << 20), os.urandom(123)]  # every part but the last at least 5 MiB
+    upload = start_multipart(client, bucket, key, "application/octet-stream")
+    sent = [upload_part_checked(client, bucket, key, upload, n, data) for n, data in enumerate(parts, 1)]
+    complete_multipart(client, bucket, key, upload, sent)
+    assert object_sha256(client, bucket, key) == hashlib.sha256(b"".join(parts)).hexdigest()
+    head = client.head_object(Bucket=bucket, Key=key)
+    assert head["ETag"].endswith('-2"') and head["ContentType"] == "application/octet-stream"
+
+
+def test_an_aborted_multipart_upload_leaves_nothing(settings: Settings, client: S3Client) -> None:
+    key, bucket = _key("dropped.bin"), settings.s3_bucket
+    upload = start_multipart(client, bucket, key, "application/octet-stream")
+    upload_part_checked(client, bucket, key, upload, 1, b"x" * 1000)
+    abort_multipart(client, bucket, key, upload)
+    with pytest.raises(ClientError):
+        client.head_object(Bucket=bucket, Key=key)
+    pending = client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads") or []
+    assert [u for u in pending if u["UploadId"] == upload] == []
+    with pytest.raises(StorageError):  # the upload is gone: completing it fails
+        complete_multipart(client, bucket, key, upload, [])
+
+
+def test_a_part_whose_checksum_does_not_match_is_refused(settings: Settings, client: S3Client) -> None:
+    key, bucket = _key("corrupt.bin"), settings.s3_bucket
+    upload = start_multipart(client, bucket, key, "application/octet-stream")
+    wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    with pytest.raises(ClientError) as info:
+        client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"data", ChecksumSHA256=wrong)
+    assert info.value.response["Error"]["Code"] == "BadDigest"
+    abort_multipart(client, bucket, key, upload)
 
 
 @pytest.mark.parametrize("which", ["secret", "access_key"])
