@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +10,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from api.cursors import cursor_pattern, decode_cursor, encode_cursor
 from api.resources import Resources
 from core import errors, events, logs, metrics
 from core.job_object import job_object
@@ -102,29 +100,8 @@ async def get_job(res: Resources, *, tenant_id: str, job_id: str) -> dict[str, A
         return await render(conn, res, row)
 
 
-# What a cursor looks like: unpadded base64url of "job_…" (which encodes to "am9iX" and a character from w-z, 0-9, -
-# or _), of a length base64 can have. The API document states it, so a client learns the rule without a 422.
-CURSOR_PATTERN = r"^am9iX[w-z0-9_-](?:[A-Za-z0-9_-]{4})*[A-Za-z0-9_-]{0,2}$"
-_ID_CHARS = re.compile(rb"[0-9a-z]*")
-
-
-def encode_cursor(job_id: str) -> str:
-    """An opaque cursor pointing after ``job_id``."""
-    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    """The job id a cursor points after (any cursor of ``CURSOR_PATTERN`` decodes: ids only compare to it);
-    ValidationFailed for one that is not of that shape."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    except (binascii.Error, ValueError):
-        raw = b""
-    # What follows "job_" counts up to its first character that no id holds (ids are lower-case base32).
-    value = raw[:4].decode("latin-1") + _ID_CHARS.match(raw, 4).group().decode()  # type: ignore[union-attr]
-    if not value.startswith("job_"):
-        raise errors.ValidationFailed("invalid cursor", [{"field": "cursor", "message": "invalid cursor"}])
-    return value
+# What a job cursor looks like (the API document states it): see api.cursors.
+CURSOR_PATTERN = cursor_pattern("job_")
 
 
 async def list_jobs(
@@ -143,7 +120,7 @@ async def list_jobs(
     if batch_id is not None:
         query = query.where(jobs.c.batch_id == batch_id)
     if cursor is not None:
-        query = query.where(jobs.c.id < decode_cursor(cursor))
+        query = query.where(jobs.c.id < decode_cursor(cursor, "job_"))
     query = query.order_by(jobs.c.id.desc()).limit(limit + 1)
     async with res.db.connect() as conn:
         rows = (await conn.execute(query)).mappings().all()
