@@ -47,6 +47,7 @@ test-faults: install  ## the fault-injection suite alone; prints the fault table
 bench: install checkpoint  ## CPU benchmark, tiny checkpoint: naive loop vs engine vs whole service (≤ 5 min)
 	$(PY) -m bench.engine_bench --out bench/results/engine.json
 	$(PY) -m bench.service_bench --out bench/results/service.json
+	$(PY) -m bench.adapter_bench --out bench/results/adapters.json
 
 bench-submit: install  ## POST /v1/jobs from 32 connections for 30 s (group commit on and off, rate limit on, a trivial-app reference; needs wrk); a 10 000-job batch
 	command -v wrk >/dev/null || (apt-get install -y -qq wrk >/dev/null)

@@ -29,8 +29,10 @@ from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import Qwen3Config, Qwen3Model
 
-from bench import report, workloads
+from bench import adapter_bench, report, workloads
 from bench.engine_bench import COLUMNS, FULL, OVERLAP_ONLY, TOGGLES, Plan, Variant, engine_for, measure, run_engine
+from core.adapter_shapes import linear_layers
+from deploy.tiny_adapter import random_lora, save_lora
 from deploy.tiny_checkpoint import build_tokenizer
 from worker.engine.batching import DEFAULT_MAX_IMAGES, DEFAULT_TOKEN_BUDGET
 
@@ -192,6 +194,43 @@ def build_pipeline(scale: Scale, device: torch.device, dtype: torch.dtype) -> ZI
     return pipe
 
 
+ADAPTER_RANK = 32  # on every attention and feed-forward projection: ~0.14 GB a file in bf16 at full size
+
+
+def adapter_rows(
+    pipe: ZImagePipeline, scale: Scale, folder: Path, log: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A mixed queue (bare / adapter A / adapter B) at the large size: naive load-generate-unload per job against
+    the engine (``bench.adapter_bench``), with two random rank-32 adapters. The naive pipeline shares the text
+    encoder and VAE but has a transformer of its own (unloading adapters must not touch the engine's)."""
+    device, dtype = pipe._execution_device, pipe.transformer.dtype
+    rank = ADAPTER_RANK if scale is FULL_SCALE else 4
+    layers = linear_layers(scale.transformer)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        name: save_lora(random_lora(layers, rank=rank, seed=seed, dtype=dtype), folder / f"{name}.safetensors")
+        for name, seed in (("a", 1), ("b", 2))
+    }
+    naive = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config),
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        transformer=materialize(lambda: ZImageTransformer2DModel(**scale.transformer), device, dtype),  # type: ignore[arg-type]
+    )
+    naive.set_progress_bar_config(disable=True)
+    jobs = 12 if scale is FULL_SCALE else 6
+    try:
+        rows, figures = adapter_bench.measure(
+            naive, engine_for(pipe, FULL), files, jobs=jobs, size=scale.large, steps=workloads.STEPS, log=log, rounds=1
+        )
+    finally:
+        del naive
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, {**figures, "rank": rank, "size": scale.large, "jobs": jobs}
+
+
 def goals(rows: list[dict[str, Any]], scale: Scale) -> dict[str, Any]:
     """The issue's GPU goals against the measured rows (meaningful at full size on an H100)."""
 
@@ -234,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES)
     parser.add_argument("--budget-s", type=float, default=300.0, help="measuring time: a workload past its share stops")
     parser.add_argument("--no-compile", action="store_true", help="skip the engine + torch.compile row")
+    parser.add_argument("--no-adapters", action="store_true", help="skip the mixed adapter queue rows")
     args = parser.parse_args(argv)
     started = time.monotonic()
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -288,9 +328,19 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"engine + torch.compile failed: {type(exc).__name__}: {exc}")
         else:
             notes.append("engine + torch.compile skipped to stay within the time budget")
+    adapter_table: list[dict[str, Any]] = []
+    switch: dict[str, Any] = {}
+    if not args.no_adapters:
+        try:
+            adapter_table, switch = adapter_rows(pipe, scale, args.out.parent / "gpu-adapters", log)
+        except Exception as exc:  # a row of its own: its failure must not lose the measured rows
+            notes.append(f"adapter rows failed: {type(exc).__name__}: {exc}")
     elapsed = time.monotonic() - started
     measured_goals = goals(rows, scale)
     print(report.table(rows, GPU_COLUMNS))
+    if adapter_table:
+        print(report.table(adapter_table, adapter_bench.COLUMNS))
+        print(f"adapters: {switch}")
     for note in notes:
         print(f"note: {note}")
     print(f"goals: {measured_goals}; {elapsed:.0f} s in all (build {build_s:.0f} s)")
@@ -305,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "build_seconds": round(build_s, 1),
             "settings": {"token_budget": args.token_budget, "max_images": args.max_images, "steps": workloads.STEPS},
             "rows": rows,
+            "adapters": {"rows": adapter_table, "switch": switch},
             "notes": notes,
             "goals": measured_goals,
             "seconds": round(elapsed, 1),

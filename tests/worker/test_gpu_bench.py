@@ -45,6 +45,12 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
     assert len(diffs) == 3 and all(d is not None and d <= 2 for d in diffs)
     assert set(results["goals"]) == {"s_per_image_large", "x_naive_small", "busy_percent_min"}
     assert "environment" in results and results["parameters"]["transformer"] > 0
+    # The mixed adapter queue: naive load-generate-unload per job, the engine job by job and batched.
+    adapters = results["adapters"]
+    assert [row["variant"] for row in adapters["rows"]][0].startswith("naive")
+    assert len(adapters["rows"]) == 3 and all(row["seconds"] > 0 for row in adapters["rows"])
+    assert adapters["rows"][2]["adapter loads"] == 0 and adapters["rows"][2]["switches"] == 3
+    assert adapters["switch"]["switch_ms"] > 0 and adapters["switch"]["rank"] == 4
 
 
 def test_the_benches_import_on_a_bare_gpu_host() -> None:

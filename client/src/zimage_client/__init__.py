@@ -31,12 +31,14 @@ from .errors import (
     WaitTimeout,
     ZImageError,
 )
-from .objects import Batch, Job, ManifestLine, Output, Upload
+from .objects import Adapter, AdapterPage, Batch, Job, ManifestLine, Output, Upload
 from .retry import RetryPolicy
 from .watch import PollBackoff
 from .webhooks import verify_webhook
 
 __all__ = [
+    "Adapter",
+    "AdapterPage",
     "AsyncClient",
     "BadRequest",
     "Batch",

@@ -30,6 +30,7 @@ class Call:
     params: Mapping[str, Any] | None = None
     json: Any = None
     files: Mapping[str, tuple[str, bytes, str]] | None = None
+    data: Mapping[str, str] | None = None  # form fields sent with ``files``
     headers: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -46,6 +47,8 @@ class Call:
             args["json"] = self.json
         if self.files is not None:
             args["files"] = dict(self.files)
+        if self.data is not None:
+            args["data"] = dict(self.data)
         return args
 
 
@@ -125,17 +128,49 @@ def get_upload(upload_id: str) -> Call:
     return Call("GET", f"/v1/uploads/{_id(upload_id)}")
 
 
-def upload(file: FileSource, filename: str | None = None, content_type: str | None = None) -> Call:
-    """POST /v1/uploads; the file is read into memory once (at most 20 MiB) so that a retry can send it again."""
+def _file(file: FileSource, filename: str | None, default: str) -> tuple[bytes, str]:
+    """A file's bytes and name, read into memory once so that a retry can send them again."""
     if isinstance(file, bytes):
-        data, name = file, filename or "image"
-    elif isinstance(file, str | Path):
+        return file, filename or default
+    if isinstance(file, str | Path):
         path = Path(file)
-        data, name = path.read_bytes(), filename or path.name
-    else:
-        data, name = file.read(), filename or Path(str(getattr(file, "name", "image"))).name
+        return path.read_bytes(), filename or path.name
+    return file.read(), filename or Path(str(getattr(file, "name", default))).name
+
+
+def upload(file: FileSource, filename: str | None = None, content_type: str | None = None) -> Call:
+    """POST /v1/uploads (an image of at most 20 MiB)."""
+    data, name = _file(file, filename, "image")
     kind = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
     return Call("POST", "/v1/uploads", files={"file": (name, data, kind)})
+
+
+def create_adapter(file: FileSource, name: str | None = None, filename: str | None = None) -> Call:
+    """POST /v1/adapters with a .safetensors LoRA file (read into memory: the server takes up to 2 GiB)."""
+    data, file_name = _file(file, filename, "adapter.safetensors")
+    form = {"name": name} if name else None
+    return Call("POST", "/v1/adapters", files={"file": (file_name, data, "application/octet-stream")}, data=form)
+
+
+def create_adapter_from_url(url: str, name: str | None = None) -> Call:
+    """POST /v1/adapters with ``{"url"}``: the service fetches the file itself."""
+    body = {"url": url, **({"name": name} if name else {})}
+    return Call("POST", "/v1/adapters", json=body)
+
+
+def get_adapter(adapter_id: str) -> Call:
+    """GET /v1/adapters/{id}."""
+    return Call("GET", f"/v1/adapters/{_id(adapter_id)}")
+
+
+def list_adapters(**params: Any) -> Call:
+    """GET /v1/adapters (limit, cursor)."""
+    return Call("GET", "/v1/adapters", params=params)
+
+
+def delete_adapter(adapter_id: str) -> Call:
+    """DELETE /v1/adapters/{id} (409 while queued or running jobs use it)."""
+    return Call("DELETE", f"/v1/adapters/{_id(adapter_id)}")
 
 
 def check(response: httpx.Response) -> None:
@@ -146,9 +181,9 @@ def check(response: httpx.Response) -> None:
 
 
 def result(response: httpx.Response) -> Any:
-    """The JSON of a successful answer; the mapped error otherwise."""
+    """The JSON of a successful answer (None for 204 No Content); the mapped error otherwise."""
     check(response)
-    return response.json()
+    return None if response.status_code == 204 else response.json()
 
 
 def is_event_stream(response: httpx.Response) -> bool:

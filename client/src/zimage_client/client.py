@@ -24,7 +24,7 @@ from . import calls
 from .calls import Call, FileSource
 from .config import ClientConfig
 from .errors import ServiceUnreachable
-from .objects import Batch, Job, JobPage, ManifestLine, Output, Upload
+from .objects import Adapter, AdapterPage, Batch, Job, JobPage, ManifestLine, Output, Upload
 from .retry import NO_RETRY, RETRY_EXCEPTIONS, RetryPolicy
 from .sse import ServerSentEvent, SSEDecoder
 from .transfer import AtomicWriter, extension, verified_bytes
@@ -261,6 +261,30 @@ class Client:
     def get_upload(self, upload_id: str) -> Upload:
         """GET /v1/uploads/{id}."""
         return self._call(calls.get_upload(upload_id))
+
+    # -- adapters --------------------------------------------------------------------------------------------
+
+    def create_adapter(
+        self, file: FileSource | None = None, *, url: str | None = None, name: str | None = None
+    ) -> Adapter:
+        """POST /v1/adapters: a LoRA .safetensors file (a path, bytes or a binary file), or a URL the service
+        fetches; checked against the served model before it is stored."""
+        if (file is None) == (url is None):
+            raise ValueError("give a file or a url")
+        call = calls.create_adapter(file, name) if file is not None else calls.create_adapter_from_url(str(url), name)
+        return self._call(call)
+
+    def get_adapter(self, adapter_id: str) -> Adapter:
+        """GET /v1/adapters/{id}."""
+        return self._call(calls.get_adapter(adapter_id))
+
+    def list_adapters(self, **params: Any) -> AdapterPage:
+        """GET /v1/adapters (limit, cursor): newest first."""
+        return self._call(calls.list_adapters(**params))
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        """DELETE /v1/adapters/{id}; Conflict while queued or running jobs use it."""
+        self._call(calls.delete_adapter(adapter_id))
 
     def download(self, output: Output, path: str | Path) -> Path:
         """Write one output image to ``path`` atomically, verified against its sha256 (ChecksumMismatch

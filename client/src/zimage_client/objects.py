@@ -109,6 +109,26 @@ class Upload(TypedDict, total=False):
     created_at: str
 
 
+class Adapter(TypedDict, total=False):
+    """A LoRA adapter object (``POST /v1/adapters``)."""
+
+    id: str
+    object: str
+    name: str
+    bytes: int
+    sha256: str
+    rank: int
+    target_modules: list[str]
+    created_at: str
+
+
+class AdapterPage(TypedDict):
+    """A page of ``GET /v1/adapters``."""
+
+    data: list[Adapter]
+    next_cursor: str | None
+
+
 class JobPage(TypedDict):
     """A page of ``GET /v1/jobs``."""
 

@@ -10,6 +10,7 @@ import typer
 from ..config import ENV_KEY, ENV_URL, VERSION, ConfigError
 from ..errors import ZImageError
 from . import exit_codes, jobs
+from .adapters import app as adapters_app
 from .batch import batch
 from .options import Connection, err
 from .webhooks import app as webhooks_app
@@ -30,6 +31,7 @@ app.command()(jobs.edit)
 app.command()(batch)
 app.command()(jobs.status)
 app.command()(jobs.cancel)
+app.add_typer(adapters_app, name="adapters")
 app.add_typer(webhooks_app, name="webhooks")
 
 

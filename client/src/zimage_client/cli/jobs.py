@@ -12,6 +12,7 @@ import typer
 from ..client import Client
 from ..objects import Job
 from . import exit_codes
+from .adapters import Lora, parse_loras
 from .options import connection, err, out, parse_size
 from .progress import JobProgress
 
@@ -74,6 +75,7 @@ def generate(
     negative: Annotated[str | None, typer.Option(help="Negative prompt (needs guidance > 0).")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Image file format.")] = Format.png,
     priority: Annotated[int | None, typer.Option(help="0-9, higher first.")] = None,
+    lora: Lora = None,
     out_dir: OutDir = Path("."),
     no_wait: NoWait = False,
     timeout: Timeout = None,
@@ -91,6 +93,7 @@ def generate(
         "negative_prompt": negative,
         "output_format": fmt.value,
         "priority": priority,
+        "loras": parse_loras(lora),
     }
     with connection(ctx).client() as client:
         _run(client, request, out_dir, no_wait, timeout)
@@ -124,6 +127,7 @@ def edit(
     num_images: Count = 1,
     seed: Seed = None,
     steps: Steps = None,
+    lora: Lora = None,
     out_dir: OutDir = Path("."),
     no_wait: NoWait = False,
     timeout: Timeout = None,
@@ -150,6 +154,7 @@ def edit(
             "seed": seed,
             "steps": steps,
             "strength": strength,
+            "loras": parse_loras(lora),
         }
         if mask is not None:
             request["mask"] = {"upload_id": client.upload(mask)["id"]}
