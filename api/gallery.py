@@ -42,6 +42,7 @@ background:repeating-linear-gradient(45deg,#e4e4e7 0 10px,#ececef 10px 20px);col
 figcaption{padding:8px 10px;font-size:.8rem;display:flex;flex-direction:column;gap:4px;min-width:0}
 .line{display:flex;flex-wrap:wrap;gap:4px 8px;align-items:center;color:#52525b}
 .badge{border-radius:999px;padding:1px 8px;font-size:.72rem;font-weight:600;background:#e4e4e7;color:#3f3f46}
+.lora{border-radius:4px;padding:1px 6px;font-size:.72rem;background:#ede9fe;color:#5b21b6}
 .s-succeeded .badge{background:#dcfce7;color:#166534}
 .s-failed .badge{background:#fee2e2;color:#991b1b}
 .s-running .badge{background:#dbeafe;color:#1e40af}
@@ -102,6 +103,8 @@ def _shots(tile: Tile) -> str:
 
 def _tile(tile: Tile) -> str:
     seed = f"<span>seed {_e(tile.seed)}</span>" if tile.seed is not None else ""
+    # Adapter jobs say which adapters and scales made them, so they read beside their bare twins.
+    seed += "".join(f'<span class="lora">{_e(lo["adapter_id"])} ×{_e(lo["scale"])}</span>' for lo in tile.loras)
     meta = ""
     if tile.metadata:
         meta = f'<p class="jmeta">{_e(_clip(_text(tile.metadata), _META_CHARS))}</p>'

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +35,7 @@ class Tile:
     error: dict[str, str] | None
     progress: dict[str, int] | None
     metadata: dict[str, Any]
+    loras: list[dict[str, Any]] = field(default_factory=list)  # the adapters it ran with: adapter_id, scale
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def _tile(row: Any, res: Resources) -> Tile:
         error=job["error"],
         progress=job["progress"],
         metadata=job["metadata"] or {},
+        loras=list(request.get("loras") or []),
     )
 
 
