@@ -24,7 +24,7 @@ from api.multipart import MULTIPART_OVERHEAD
 from api.rate_limit import RateLimit, RateLimiter
 from api.request_ids import RequestIds
 from api.resources import Resources
-from api.routes import batches, events, health, jobs, uploads, webhooks
+from api.routes import adapters, batches, events, health, jobs, uploads, webhooks
 from api.routes import metrics as metrics_route
 from api.routes.gallery import router as gallery_router
 from api.routes.health import QueueDepth
@@ -190,13 +190,19 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(events.router)
     app.include_router(gallery_router)
     app.include_router(uploads.router)
+    app.include_router(adapters.router)
     app.include_router(webhooks.router)
-    # Uploads carry images up to 20 MiB (their route streams with its own hard cap); JSON bodies stay small.
+    # Uploads carry images up to 20 MiB and adapters up to max_adapter_bytes (their routes stream with their own
+    # hard caps; an adapter's bytes go on to S3 as they arrive); JSON bodies stay small.
     upload_limit = MAX_IMAGE_BYTES + MULTIPART_OVERHEAD
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,
-        per_path={"/v1/uploads": (upload_limit, "file"), "/v1/batches": (settings.max_batch_body_bytes, "body")},
+        per_path={
+            "/v1/uploads": (upload_limit, "file"),
+            "/v1/adapters": (settings.max_adapter_bytes + MULTIPART_OVERHEAD, "file"),
+            "/v1/batches": (settings.max_batch_body_bytes, "body"),
+        },
     )
     app.add_middleware(BodyMemory)
     app.add_middleware(RateLimit)  # outside the body limit: a refused request is answered before its body is read

@@ -87,6 +87,11 @@ class LoraChecker:
         """True once the whole header arrived and passed every check."""
         return self._summary is not None
 
+    @property
+    def expected_size(self) -> int | None:
+        """The file's size as its header says (8 + header + data), once the header is checked."""
+        return self._summary.size if self._summary is not None else None
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """The next bytes of the file; raises the refusal as soon as the bytes so far show one."""
         view = memoryview(data)

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # The transformer config adapters are checked against (a transformer/config.json, or a model folder holding
     # one). Unset: the Turbo model's own when it is a local folder, else Z-Image's published shape.
     adapter_base_config: str | None = None
+    # An adapter given by URL is fetched under the image-URL rules (fetch_allow_hosts, fetch_max_redirects) with
+    # this one deadline for the whole download (a 2 GiB file needs minutes).
+    adapter_fetch_timeout_s: float = Field(600.0, gt=0, le=3600)
     # Worker caches: adapter weights loaded into the transformer (bytes on the accelerator) and their verified
     # files kept in host memory; at start a worker loads the adapters its queue used most in the last day.
     adapter_device_cache_bytes: int = Field(1 << 30, ge=0)

@@ -143,7 +143,7 @@ def put_object_checked(
     client: S3Client,
     bucket: str,
     key: str,
-    data: bytes,
+    data: bytes | bytearray,
     content_type: str,
     metadata: dict[str, str] | None = None,
 ) -> str:
@@ -179,7 +179,7 @@ def start_multipart(client: S3Client, bucket: str, key: str, content_type: str) 
 
 
 def upload_part_checked(
-    client: S3Client, bucket: str, key: str, upload_id: str, number: int, data: bytes
+    client: S3Client, bucket: str, key: str, upload_id: str, number: int, data: bytes | bytearray
 ) -> dict[str, Any]:
     """Send part ``number`` (from 1) of a multipart upload with its SHA-256 (a corrupted part is refused with
     BadDigest, as for ``put_object_checked``); returns the part's entry for ``complete_multipart``."""

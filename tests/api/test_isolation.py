@@ -1,5 +1,5 @@
 """Isolation between tenants: tenant B reaching for anything of tenant A (read, list, cancel, download, events,
-manifest, gallery, webhooks, upload) gets exactly what an unknown id gets, a 404, and changes nothing.
+manifest, gallery, webhooks, upload, adapter) gets exactly what an unknown id gets, a 404, and changes nothing.
 
 The routes are listed here by hand and checked against the app's own document, so a new route with an id in its
 path fails this file until its isolation is tested too.
@@ -34,6 +34,8 @@ ROUTES = [
     ("GET", "/v1/batches/{batch_id}/events"),
     ("GET", "/v1/batches/{batch_id}/webhooks"),
     ("GET", "/v1/uploads/{upload_id}"),
+    ("GET", "/v1/adapters/{adapter_id}"),
+    ("DELETE", "/v1/adapters/{adapter_id}"),
 ]
 
 
@@ -41,6 +43,16 @@ def _png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(out, "PNG")
     return out.getvalue()
+
+
+def _adapter(settings: Settings) -> bytes:
+    """A small valid LoRA file for the served (tiny) transformer."""
+    from safetensors.torch import save
+
+    from core.adapter_shapes import served_layers
+    from deploy.tiny_adapter import random_lora
+
+    return save(random_lora(served_layers(settings), rank=2))
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +63,20 @@ def owned(settings: Settings, new_key_module: Callable[..., str]) -> Iterator[tu
         job = client.post("/v1/jobs", json={"prompt": "tenant a's"}, headers=auth(a)).json()
         batch = client.post("/v1/batches", json={"jobs": [{"prompt": "a1"}, {"prompt": "a2"}]}, headers=auth(a))
         upload = client.post("/v1/uploads", files={"file": ("a.png", _png(), "image/png")}, headers=auth(a))
+        adapter = client.post("/v1/adapters", files={"file": ("a.safetensors", _adapter(settings))}, headers=auth(a))
         assert batch.status_code == 202 and upload.status_code == 201, (batch.text, upload.text)
-        ids = {"job_id": job["id"], "batch_id": batch.json()["id"], "upload_id": upload.json()["id"]}
+        assert adapter.status_code == 201, adapter.text
+        ids = {
+            "job_id": job["id"],
+            "batch_id": batch.json()["id"],
+            "upload_id": upload.json()["id"],
+            "adapter_id": adapter.json()["id"],
+        }
         yield client, ids, b
         # nothing B did changed anything of A's
         assert client.get(f"/v1/jobs/{job['id']}", headers=auth(a)).json()["status"] == "queued"
         assert client.get(f"/v1/batches/{ids['batch_id']}", headers=auth(a)).json()["status"] == "running"
+        assert client.get(f"/v1/adapters/{ids['adapter_id']}", headers=auth(a)).status_code == 200
 
 
 @pytest.fixture(scope="module")
