@@ -24,6 +24,7 @@ from api.jobs import list_jobs
 from api.resources import Resources
 from api.submit import dispatch
 from core import errors, events, ids, metrics
+from core.adapter_refs import adapter_problems
 from core.batch_object import batch_object as core_batch_object
 from core.batch_object import counts_query, tally
 from core.batch_request import BatchSubmission, refusal
@@ -111,6 +112,10 @@ async def create_batch(
                 await check_batch_refs(
                     conn, tenant_id, [job.request for job in written], allow_hosts=res.settings.fetch_allow_hosts
                 )
+            if any(job.request.loras for job in written):  # one query for every adapter the batch names
+                problems = await adapter_problems(conn, tenant_id, [job.request for job in written], indexed=True)
+                if problems:
+                    raise refusal(problems)
             # Last, so the tenant's quota row is held only until the commit just below.
             images = [job.request.num_images for job in written]
             admission = await charge(conn, tenant_id, images, Defaults.of(res.settings), batch=True)

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from api.jobs import log_job, queue_positions, render
 from api.resources import Resources
 from core import errors, metrics, queue
+from core.adapter_refs import check_adapters
 from core.job_object import job_object
 from core.models import jobs
 from core.quotas import Defaults, charge, fits
@@ -280,6 +281,9 @@ async def submit_job(
     )
     log_job(res, {"attempt": 0, "batch_id": None, **row})
     if idempotency_key is None and res.settings.group_commit and row["reuse_key"] is None:
+        if req.loras:  # one query, only for a job that names adapters
+            async with res.db.connect() as conn:
+                await check_adapters(conn, tenant_id, req)
         return await res.submitter.submit(row), True
     async with res.db.connect() as conn:
         existing = None
@@ -301,6 +305,8 @@ async def submit_job(
             view = await render(conn, res, existing)
             await conn.rollback()
             return view, False
+        if req.loras:  # after the replay above: an adapter deleted since does not change the original's answer
+            await check_adapters(conn, tenant_id, req)
         admission = await charge(conn, tenant_id, [req.num_images], Defaults.of(res.settings))
         if admission.refusal is not None:
             raise admission.refusal

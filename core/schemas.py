@@ -84,7 +84,7 @@ class ImageRef(_Strict):
 
 
 class LoraRef(_Strict):
-    """A LoRA adapter applied to a job, with its scale (the shape only: adapters are refused until served)."""
+    """A LoRA adapter of the tenant (``POST /v1/adapters``) applied to a job, with its scale."""
 
     adapter_id: Annotated[str, StringConstraints(pattern=r"^lora_[0-9a-z]{10,64}$")]
     scale: float = Field(1.0, ge=0, le=2)
@@ -99,9 +99,10 @@ _PROMPT_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": 4000, "pattern": 
 class JobRequest(_Strict):
     """A job request (POST /v1/jobs, and each line of a batch), exactly as API.md specifies it.
 
-    ``loras`` keeps its shape so clients stay compatible, but until adapters are served a non-empty list is
-    refused naming the field. ``webhook_url`` is checked here for its shape only: whether its scheme and host may
-    be called is the submit's check (``core.webhook_urls``, which knows the allow-list and resolves the name).
+    ``loras`` is checked here for its shape (at most 3, each adapter once, scales 0-2, not on instruct edits);
+    whether each adapter is the tenant's is the submit's check (``core.adapter_refs``, one query). ``webhook_url``
+    is checked here for its shape only: whether its scheme and host may be called is the submit's check
+    (``core.webhook_urls``, which knows the allow-list and resolves the name).
     """
 
     kind: Literal["generate", "edit"] = "generate"
@@ -126,7 +127,10 @@ class JobRequest(_Strict):
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
     loras: list[LoraRef] = Field(
-        default_factory=list, max_length=3, description="Refused when non-empty until adapters are served."
+        default_factory=list,
+        max_length=3,
+        description="LoRA adapters of this tenant with their scales, each at most once; generate jobs and "
+        "img2img / inpaint edits (not instruct). Stored sorted by adapter_id.",
     )
     reuse: bool = Field(
         False, description="Return the outputs of an identical earlier succeeded job of this tenant (seed required)."
@@ -153,9 +157,14 @@ class JobRequest(_Strict):
 
     @field_validator("loras")
     @classmethod
-    def _adapters_not_served(cls, v: list[LoraRef]) -> list[LoraRef]:
-        if v:
-            raise ValueError("adapters are not served yet")
+    def _adapters_for_mode(cls, v: list[LoraRef], info: ValidationInfo) -> list[LoraRef]:
+        if v and info.data.get("kind") == "edit" and info.data.get("mode") == "instruct":
+            raise ValueError("instruct edits take no adapters (the Omni edit model has none); use img2img or inpaint")
+        seen: set[str] = set()
+        for lora in v:
+            if lora.adapter_id in seen:
+                raise ValueError(f"adapter {lora.adapter_id} is named twice; give each adapter once")
+            seen.add(lora.adapter_id)
         return v
 
     @field_validator("metadata")
@@ -220,6 +229,8 @@ class JobRequest(_Strict):
     def normalized(self) -> dict[str, Any]:
         """The request with defaults filled in, as stored and echoed back (the seed as given)."""
         data = self.model_dump(mode="json")
+        # Sorted: the same adapters in another order are the same request (hash, reuse key, group key).
+        data["loras"].sort(key=lambda lora: lora["adapter_id"])
         if self.kind == "generate":
             for name in ("mode", "strength", "mask"):
                 data.pop(name, None)

@@ -291,16 +291,41 @@ def test_webhook_must_be_a_web_url(url: str) -> None:
     assert fields_of(refused(webhook_url=url)) == {"webhook_url"}
 
 
+LORA_2 = "lora_abcdefghij0123"
+LORA_3 = "lora_0000000000zzzz"
+
+
 @pytest.mark.parametrize(
     "loras",
     [
         [{"adapter_id": LORA}],
-        [{"adapter_id": LORA, "scale": 0}, {"adapter_id": LORA, "scale": 2}, {"adapter_id": LORA}],
+        [{"adapter_id": LORA, "scale": 0}, {"adapter_id": LORA_2, "scale": 2}, {"adapter_id": LORA_3}],
     ],
     ids=["one", "three"],
 )
-def test_valid_loras_are_refused_until_adapters_are_served(loras: list[dict[str, Any]]) -> None:
-    assert refused(loras=loras) == [{"field": "loras", "message": "adapters are not served yet"}]
+def test_up_to_three_adapters_are_accepted_with_scale_1_by_default(loras: list[dict[str, Any]]) -> None:
+    req = parse(loras=loras)
+    assert [(lo.adapter_id, lo.scale) for lo in req.loras] == [(lo["adapter_id"], lo.get("scale", 1.0)) for lo in loras]
+
+
+def test_adapters_apply_to_generate_img2img_and_inpaint_but_not_instruct() -> None:
+    loras = [{"adapter_id": LORA, "scale": 0.5}]
+    assert parse(**edit(mode="img2img"), loras=loras).loras[0].scale == 0.5
+    assert parse(**edit(mode="inpaint", mask=UPLOAD_2), loras=loras).loras[0].adapter_id == LORA
+    details = refused(**edit(), loras=loras)
+    assert fields_of(details) == {"loras"} and "instruct" in details[0]["message"]
+
+
+def test_the_same_adapter_twice_is_refused() -> None:
+    details = refused(loras=[{"adapter_id": LORA}, {"adapter_id": LORA, "scale": 0.5}])
+    assert details == [{"field": "loras", "message": f"adapter {LORA} is named twice; give each adapter once"}]
+
+
+def test_normalized_adapters_are_sorted_so_equal_sets_are_equal_requests() -> None:
+    forward = parse(loras=[{"adapter_id": LORA_2, "scale": 0.5}, {"adapter_id": LORA}]).normalized()
+    backward = parse(loras=[{"adapter_id": LORA}, {"adapter_id": LORA_2, "scale": 0.5}]).normalized()
+    assert forward == backward
+    assert forward["loras"] == [{"adapter_id": LORA, "scale": 1.0}, {"adapter_id": LORA_2, "scale": 0.5}]
 
 
 def test_an_empty_lora_list_is_the_default() -> None:

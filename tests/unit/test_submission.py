@@ -82,7 +82,7 @@ def test_different_input_images_still_share_a_group() -> None:
 
 
 def with_loras(*loras: dict[str, Any]) -> JobRequest:
-    """A request carrying adapters, built past validation (the API refuses them until they are served)."""
+    """A request carrying adapters (group keys need no database: the ids need not exist)."""
     return req().model_copy(update={"loras": [LoraRef.model_validate(lo) for lo in loras]})
 
 
