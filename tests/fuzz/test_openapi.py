@@ -4,7 +4,8 @@ sequences that follow one answer's ids into the next request (links schemathesis
 Every response must be documented (status, content type, headers such as ``Allow``), match its schema, and none
 may be a 500. Schema-valid requests must be accepted, except where acceptance depends on more than the document
 can say: a job's image refs must name the tenant's own uploads and its webhook URL a public address (the submits
-answer 422), an upload must be an image judged by its bytes (415). Bounded: a handful of examples each.
+answer 422), an upload must be an image judged by its bytes (415), an adapter a LoRA .safetensors file for the served
+model (415 / 422) or a URL the service may fetch (422). Bounded: a handful of examples each.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from core.settings import Settings
 schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi())
 
 # Operations whose acceptance of a schema-valid request depends on what the document cannot express.
-_SEMANTIC = {"POST /v1/jobs", "POST /v1/batches", "POST /v1/uploads"}
+_SEMANTIC = {"POST /v1/jobs", "POST /v1/batches", "POST /v1/uploads", "POST /v1/adapters"}
 _SETTINGS = hypothesis_settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
