@@ -2,7 +2,8 @@
 through the SDK (``zimage_client``), follow it with a live progress bar (server-sent events), save its manifest
 and download every image (written atomically, checked against its sha256) into ``demo-output/`` with an offline
 ``index.html``, edit the first image in every mode, print a summary and the gallery link, and stop everything it
-started (also on Ctrl-C).
+started (also on Ctrl-C). A tiny LoRA adapter (made with peft on the tiny checkpoint) is uploaded first, and the
+first prompts run twice in the batch, bare and with the adapter, side by side in the gallery.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from rich.console import Console
 from core.admin import create_key
 from deploy.seaweed import pick_ports
 from deploy.stack import ROOT, Stack, dev_settings
+from deploy.tiny_adapter import build_tiny_adapter
 from zimage_client import Batch, Client, Job, ZImageError
 from zimage_client.cli.progress import BatchProgress
 
 OUT = ROOT / "demo-output"
+STYLED = 4  # the first prompts also run with the demo adapter, each right after its bare twin
 
 PROMPTS = [
     ("a red fox in fresh snow at dawn, telephoto, soft light", 256, 256),
@@ -131,21 +134,33 @@ def run() -> int:
         stack.start()
         print(f"stack ready in {time.monotonic() - started:.1f} s; logs in {run_dir / 'logs'}")
         key = create_key(settings, "demo")
+        style = build_tiny_adapter(settings.turbo_model, run_dir / "demo-style.safetensors", seed=7)
         with Client(stack.api_url, key) as client:
-            return _submit_and_collect(client, stack.api_url)
+            adapter = client.create_adapter(style, name="demo-style")
+            print(f"uploaded adapter {adapter['name']} ({adapter['id']}): rank {adapter['rank']} on"
+                  f" {len(adapter['target_modules'])} layers, checked against the served transformer")  # fmt: skip
+            return _submit_and_collect(client, stack.api_url, adapter["id"])
     finally:
         print("stopping the stack ...")
         stack.stop()
         print("stopped.")
 
 
-def _submit_and_collect(client: Client, api_url: str) -> int:
+def _batch_jobs(adapter_id: str) -> list[dict[str, Any]]:
+    """One job per prompt; the first ``STYLED`` prompts again with the adapter, right after their bare twin."""
+    jobs = []
+    for i, (prompt, width, height) in enumerate(PROMPTS):
+        job = {"prompt": prompt, "width": width, "height": height, "seed": 1000 + i, "metadata": {"demo_index": i}}
+        jobs.append(job)
+        if i < STYLED:
+            lora = [{"adapter_id": adapter_id, "scale": 1.0}]
+            jobs.append({**job, "loras": lora, "metadata": {"demo_index": i, "adapter": "demo-style"}})
+    return jobs
+
+
+def _submit_and_collect(client: Client, api_url: str, adapter_id: str) -> int:
     t0 = time.monotonic()
-    batch = client.submit_batch(
-        [{"prompt": p, "width": w, "height": h, "seed": 1000 + i, "metadata": {"demo_index": i}}
-         for i, (p, w, h) in enumerate(PROMPTS)],
-        metadata={"demo": "make demo"},
-    )  # fmt: skip
+    batch = client.submit_batch(_batch_jobs(adapter_id), metadata={"demo": "make demo"})
     print(f"submitted {batch['counts']['total']} jobs as one batch ({batch['id']}) in {time.monotonic() - t0:.2f} s")
     print(f"  live gallery while the demo runs: {api_url}{batch['gallery_url']}")
     with BatchProgress(Console(stderr=True), batch["id"], images_per_job=1) as bar:
@@ -168,8 +183,10 @@ def _submit_and_collect(client: Client, api_url: str) -> int:
     jobs = [client.get(line["job_id"]) for line in manifest] + [finished[e["id"]] for e in edits]
     for job in jobs:
         req = job["request"]
+        label = f"[{req['mode']}] " if req.get("mode") else ""
+        label += "[adapter demo-style] " if req.get("loras") else ""
         entry = {
-            "prompt": (f"[{req['mode']}] " if req.get("mode") else "") + req["prompt"],
+            "prompt": label + req["prompt"],
             "width": req["width"],
             "height": req["height"],
             "seed": req["seed"],
