@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from api.jobs import list_jobs
 from api.resources import Resources
 from api.submit import dispatch
-from core import errors, events, ids, metrics
+from core import catalog, errors, events, ids, metrics
 from core.adapter_refs import adapter_problems
 from core.batch_object import batch_object as core_batch_object
 from core.batch_object import counts_query, tally
@@ -173,6 +173,8 @@ async def _copy_jobs(
             req = submission.check(index)
             if not isinstance(req, list) and req.mode == "instruct" and not instruct:
                 req = [{"index": index, "field": "mode", "message": "instruct edits are not available here"}]
+            elif not isinstance(req, list) and (unserved := catalog.unserved(res.settings, req.model)) is not None:
+                req = [{"index": index, "field": "model", "message": unserved}]
             if isinstance(req, list):
                 problems.extend(req)
                 continue
@@ -184,7 +186,7 @@ async def _copy_jobs(
                 max_attempts=res.settings.max_attempts,
                 batch_id=batch_id,
                 batch_index=index,
-                model=model_identity(res.settings, req.kind, req.mode),
+                model=model_identity(res.settings, req.kind, req.mode, req.model),
             )
             await copy.write_row(
                 (

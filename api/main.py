@@ -24,7 +24,7 @@ from api.multipart import MULTIPART_OVERHEAD
 from api.rate_limit import RateLimit, RateLimiter
 from api.request_ids import RequestIds
 from api.resources import Resources
-from api.routes import adapters, batches, events, health, jobs, uploads, webhooks
+from api.routes import adapters, batches, events, health, jobs, models, uploads, webhooks
 from api.routes import metrics as metrics_route
 from api.routes.gallery import router as gallery_router
 from api.routes.health import QueueDepth
@@ -192,6 +192,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(uploads.router)
     app.include_router(adapters.router)
     app.include_router(webhooks.router)
+    app.include_router(models.router)
     # Uploads carry images up to 20 MiB and adapters up to max_adapter_bytes (their routes stream with their own
     # hard caps; an adapter's bytes go on to S3 as they arrive); JSON bodies stay small.
     upload_limit = MAX_IMAGE_BYTES + MULTIPART_OVERHEAD

@@ -277,7 +277,7 @@ async def submit_job(
         tenant_id=tenant_id,
         max_attempts=res.settings.max_attempts,
         idempotency_key=idempotency_key,
-        model=model_identity(res.settings, req.kind, req.mode),
+        model=model_identity(res.settings, req.kind, req.mode, req.model),
     )
     log_job(res, {"attempt": 0, "batch_id": None, **row})
     if idempotency_key is None and res.settings.group_commit and row["reuse_key"] is None:

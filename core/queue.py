@@ -14,14 +14,18 @@ import socket
 import uuid
 from collections.abc import Iterable, Mapping
 
+from core.catalog import spec_for
+
 TASK_RUN_BATCH = "zimage.run_batch"
-QUEUES = ("generate", "edit")
+# One queue per model family (core.catalog): Turbo (generate, img2img, inpaint), the Edit model, Base.
+QUEUES = ("generate", "edit", "base")
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
-def queue_for(kind: str, mode: str | None) -> str:
-    """The Celery queue (model family) that serves a job: the Edit checkpoint for instruct edits, else Turbo."""
-    return "edit" if kind == "edit" and mode == "instruct" else "generate"
+def queue_for(kind: str, mode: str | None, model: str | None = None) -> str:
+    """The Celery queue (model family) that serves a job: its model's (``core.catalog``); a job naming no model
+    runs the Edit checkpoint for instruct edits, else Turbo."""
+    return spec_for(model, kind, mode).queue
 
 
 def broker_key(prefix: str, queue: str) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, Update, select
 from sqlalchemy.orm import aliased
 
+from core.catalog import default_model, weights_of
 from core.models import jobs
-from core.queue import queue_for
 from core.settings import Settings
 from core.status import JobStatus
 from core.transition import transition
@@ -44,10 +44,13 @@ IDENTITY_FIELDS = (
 )
 
 
-def model_identity(settings: Settings, kind: str, mode: str | None) -> str:
-    """The model that runs a job of this kind, with the revision of its weights: part of the reuse key."""
-    model = settings.edit_model if queue_for(kind, mode) == "edit" else settings.turbo_model
-    return f"{model}@{settings.model_revision or ''}"
+def model_identity(settings: Settings, kind: str, mode: str | None, model: str | None = None) -> str:
+    """The model that runs a job (its ``model``, else its kind's default), as the weights the settings name and
+    their revision: part of the reuse key. Turbo's and Edit's read as they always did (earlier keys still match);
+    any other model's is prefixed with its name, so two models never share a key even on the same weights."""
+    name = model or default_model(kind, mode)
+    identity = f"{weights_of(settings, name) or ''}@{settings.model_revision or ''}"
+    return identity if name == default_model(kind, mode) else f"{name}={identity}"
 
 
 def reuse_key(normalized: Mapping[str, Any], model: str) -> str | None:

@@ -17,20 +17,13 @@ from pydantic import (
     model_validator,
 )
 
+from core.catalog import MODELS, default_model
 from core.work import PIXELS_PER_TOKEN
 
 MAX_SEED = 2**63 - 1
 MAX_METADATA_BYTES = 4096
 MAX_METADATA_DEPTH = 32
 MAX_SIDE = 2048
-
-# Per (kind, mode): what "model default" means for steps and guidance (Turbo: 8 steps, no CFG).
-MODEL_DEFAULTS: dict[tuple[str, str | None], dict[str, float | int]] = {
-    ("generate", None): {"steps": 8, "guidance_scale": 0.0},
-    ("edit", "instruct"): {"steps": 8, "guidance_scale": 0.0},
-    ("edit", "img2img"): {"steps": 8, "guidance_scale": 0.0},
-    ("edit", "inpaint"): {"steps": 8, "guidance_scale": 0.0},
-}
 
 
 def _depth(value: Any, level: int = 1) -> int:
@@ -107,6 +100,12 @@ class JobRequest(_Strict):
 
     kind: Literal["generate", "edit"] = "generate"
     mode: Literal["instruct", "img2img", "inpaint"] | None = Field(None, validate_default=True)
+    model: Literal["z-image-turbo", "z-image-base", "z-image-edit"] | None = Field(
+        None,
+        validate_default=True,
+        description="The model that runs the job (GET /v1/models): z-image-turbo unless named; an instruct edit "
+        "runs z-image-edit. Its defaults fill steps and guidance_scale.",
+    )
     prompt: str = Field(json_schema_extra=_PROMPT_SCHEMA)
     negative_prompt: str | None = Field(None, max_length=4000, json_schema_extra={"pattern": _NO_NUL})
     width: int = Field(1024, ge=256, le=MAX_SIDE, multiple_of=PIXELS_PER_TOKEN)
@@ -160,6 +159,9 @@ class JobRequest(_Strict):
     def _adapters_for_mode(cls, v: list[LoraRef], info: ValidationInfo) -> list[LoraRef]:
         if v and info.data.get("kind") == "edit" and info.data.get("mode") == "instruct":
             raise ValueError("instruct edits take no adapters (the Omni edit model has none); use img2img or inpaint")
+        model = info.data.get("model")
+        if v and model is not None and not MODELS[model].loras:
+            raise ValueError(f"{model} takes no adapters")
         seen: set[str] = set()
         for lora in v:
             if lora.adapter_id in seen:
@@ -217,13 +219,38 @@ class JobRequest(_Strict):
             raise ValueError("mask applies to edit jobs in inpaint mode only")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _model_for_kind(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # One table (core.catalog) says what each model runs, its defaults and its limits.
+        kind, mode = info.data.get("kind"), info.data.get("mode")
+        if kind is None:
+            return v  # kind itself was refused
+        spec = MODELS[v or default_model(kind, mode)]
+        if (kind, mode) not in spec.kinds:
+            runs = " and ".join(f"{k} {m}" if m else k for k, m in spec.kinds)
+            raise ValueError(f"{spec.name} runs {runs} jobs only")
+        return spec.name
+
+    @field_validator("steps", "guidance_scale")
+    @classmethod
+    def _within_model_limits(cls, v: float | None, info: ValidationInfo) -> float | None:
+        model = info.data.get("model")
+        if v is None or model is None:
+            return v
+        spec = MODELS[model]
+        low, high = (spec.min_steps, spec.max_steps) if info.field_name == "steps" else spec.guidance_range
+        if not low <= v <= high:
+            raise ValueError(f"{info.field_name} must be from {low:g} to {high:g} for {model}")
+        return v
+
     @model_validator(mode="after")
     def _model_defaults(self) -> JobRequest:
-        defaults = MODEL_DEFAULTS[(self.kind, self.mode)]
+        spec = MODELS[self.model or default_model(self.kind, self.mode)]
         if self.steps is None:
-            self.steps = int(defaults["steps"])
+            self.steps = spec.steps
         if self.guidance_scale is None:
-            self.guidance_scale = float(defaults["guidance_scale"])
+            self.guidance_scale = spec.guidance_scale
         return self
 
     def normalized(self) -> dict[str, Any]:
@@ -231,6 +258,10 @@ class JobRequest(_Strict):
         data = self.model_dump(mode="json")
         # Sorted: the same adapters in another order are the same request (hash, reuse key, group key).
         data["loras"].sort(key=lambda lora: lora["adapter_id"])
+        # The kind's default model is left out: such a request is stored, hashed and echoed exactly as before
+        # models could be named (idempotency keys and reuse keys of earlier jobs still match).
+        if data.get("model") == default_model(self.kind, self.mode):
+            data.pop("model")
         if self.kind == "generate":
             for name in ("mode", "strength", "mask"):
                 data.pop(name, None)

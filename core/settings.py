@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # A hub id or a local path; the default is the tiny random-weight checkpoint that `make demo` builds.
     turbo_model: str = "checkpoints/tiny/turbo"
     edit_model: str | None = None
+    # Z-Image (Base), the undistilled model with classifier-free guidance; unset: not served (jobs naming
+    # z-image-base are refused with 422). A worker consuming the ``base`` queue loads it.
+    base_model: str | None = None
     # A label for the revision of the weights behind the model names (a hub revision, a checkpoint date): part of
     # the result-reuse key, so change it when the weights behind a name change.
     model_revision: str | None = None
@@ -169,6 +172,9 @@ class Settings(BaseSettings):
     max_query_params: int = Field(256, ge=1)  # 400 above
 
     # --- observability ---
+    # A worker marks its row seen this often; GET /v1/models calls a model available while a ready worker of its
+    # queue was seen within three of these.
+    worker_heartbeat_s: float = Field(10.0, gt=0, le=300)
     # Each worker process serves its Prometheus metrics on this port (0: none); the API serves GET /metrics.
     metrics_port: int = Field(9200, ge=0, le=65535)
     # The queue depth and oldest age (one Postgres query) are read again at most this often, however many scrapes.
@@ -180,6 +186,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "edit_model",
+        "base_model",
         "adapter_base_config",
         "attention_backend",
         "s3_endpoint_url",

@@ -8,6 +8,7 @@ import secrets
 from typing import Any
 
 from core import ids
+from core.catalog import default_model
 from core.queue import queue_for
 from core.reuse import reuse_key
 from core.schemas import MAX_SEED, JobRequest
@@ -21,7 +22,9 @@ def request_hash(normalized: dict[str, Any]) -> str:
 
 
 def group_key(req: JobRequest) -> str:
-    """Jobs with equal keys can share one pipeline call: same model and mode, size, steps, guidance, adapters."""
+    """Jobs with equal keys can share one pipeline call: same model and mode, size, steps, guidance, adapters.
+
+    (Each model has its own queue; a model other than its kind's default is named in the key as well.)"""
     loras = ",".join(f"{lo.adapter_id}:{lo.scale:g}" for lo in sorted(req.loras, key=lambda lo: lo.adapter_id))
     parts = [
         req.kind,
@@ -33,12 +36,18 @@ def group_key(req: JobRequest) -> str:
     if req.mode in ("img2img", "inpaint"):
         parts.append(f"s{req.strength:g}")
     parts.append(loras)
+    if req.model is not None and req.model != default_model(req.kind, req.mode):
+        parts.append(req.model)
     return "|".join(parts)
 
 
 def cost_tokens(req: JobRequest) -> int:
-    """Image tokens the job adds to a batch (what bounds a batch on the accelerator)."""
-    return image_tokens(req.width, req.height) * req.num_images
+    """Image tokens the job adds to a batch (what bounds a batch on the accelerator): with classifier-free
+    guidance (guidance_scale > 0, Base's default) every image runs twice per step, conditional and unconditional
+    in one doubled batch, so it counts twice. The one rule: the claim's token budget and the tenants' fair-share
+    clocks both read this."""
+    passes = 2 if (req.guidance_scale or 0) > 0 else 1
+    return image_tokens(req.width, req.height) * req.num_images * passes
 
 
 def build_job_row(
@@ -67,7 +76,7 @@ def build_job_row(
         "batch_id": batch_id,
         "batch_index": batch_index,
         "kind": req.kind,
-        "queue": queue_for(req.kind, req.mode),
+        "queue": queue_for(req.kind, req.mode, req.model),
         "group_key": group_key(req),
         "cost_tokens": cost_tokens(req),
         "priority": req.priority,

@@ -47,10 +47,34 @@ class WorkerContext:
     # One thread that claims and prepares the next batch while the current one runs.
     prefetch: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefetch"))
     sweeper: SweeperThread | None = None
+    heartbeat: Heartbeat | None = None
     started: float = field(default_factory=time.monotonic)
     busy_base: float = 0.0  # accelerator seconds spent before the worker was ready (warm-up)
     stats: dict[str, int] = field(default_factory=lambda: {"batches": 0, "jobs": 0, "images": 0})
     stats_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Heartbeat(threading.Thread):
+    """Marks the worker's row seen every ``interval_s`` (GET /v1/models calls a model available while a ready
+    worker of its queue was seen lately), whatever the worker is doing; a failed write is retried next time."""
+
+    def __init__(self, db: Engine, worker_id: str, interval_s: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.db, self.worker_id, self.interval_s = db, worker_id, interval_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                with self.db.begin() as conn:
+                    conn.execute(text("UPDATE workers SET last_seen_at = now() WHERE id = :id"), {"id": self.worker_id})
+            except Exception as exc:  # Postgres away: the row ages, and the model reads unavailable meanwhile
+                log.warning("worker heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        """End the thread (worker shutdown)."""
+        self._stop_event.set()
+        self.join(timeout=5)
 
 
 _context: WorkerContext | None = None
@@ -167,6 +191,8 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
                 "loads": _loads,
             },
         )
+    ctx.heartbeat = Heartbeat(db, worker_id, settings.worker_heartbeat_s)
+    ctx.heartbeat.start()
     if run_sweeper:
         ctx.sweeper = SweeperThread(db, redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings)
         ctx.sweeper.start()
@@ -242,6 +268,8 @@ def close_context() -> None:
         return
     if ctx.sweeper is not None:
         ctx.sweeper.stop()
+    if ctx.heartbeat is not None:
+        ctx.heartbeat.stop()
     ctx.prefetch.shutdown(wait=True)
     ctx.uploads.shutdown(wait=True)
     with ctx.db.begin() as conn:

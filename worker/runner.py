@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from core import lifecycle
-from core.errors import OutOfMemory, ServiceError, job_error_code
+from core.errors import InvalidInput, OutOfMemory, ServiceError, job_error_code
 from core.events import JobEvent
 from core.lifecycle import ClaimedJob
 from core.status import ErrorCode
@@ -97,6 +97,9 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
     ctx.recorder.publish(found)
     batch = Batch(jobs, BatchGuard(jobs, db=ctx.db, settings=s, publish=ctx.recorder.publish).start())
     try:
+        model = jobs[0].request.get("model")
+        if model not in (None, "z-image-turbo", "z-image-edit"):
+            raise InvalidInput(f"this worker does not load {model}")
         if jobs[0].kind == "edit":
             batch.edits = _edit_requests(ctx, batch)
         else:

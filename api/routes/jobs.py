@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from api import jobs as job_ops
 from api.deps import ResourcesDep, TenantDep
 from api.submit import submit_job
-from core import errors
+from core import catalog, errors
 from core.image_refs import check_refs
 from core.schemas import ErrorBody, JobObject, JobPage, JobRequest
 from core.webhook_urls import check_webhook_url
@@ -46,6 +46,9 @@ async def create_job(
             "instruct edits need an Edit checkpoint, and this service has none configured",
             [{"field": "mode", "message": "instruct edits are not available here; use img2img or inpaint"}],
         )
+    unserved = catalog.unserved(res.settings, req.model)
+    if unserved is not None:
+        raise errors.ValidationFailed(unserved, [{"field": "model", "message": unserved}])
     if req.webhook_url is not None:  # https and a public address (SSRF), checked before anything is written
         await check_webhook_url(str(req.webhook_url), res.settings)
     if req.kind == "edit":

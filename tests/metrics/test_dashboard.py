@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from core.queue import QUEUES
 from deploy.stack import Stack
 from tests.metrics.conftest import Traffic
 
@@ -106,7 +107,7 @@ def test_the_api_scrape_holds_the_queue_the_requests_and_the_cancel(api_scrape: 
     _, samples = api_scrape
     depth = [s for s in samples if s.name == "zimage_queue_depth"]
     assert {(s.labels["queue"], s.labels["priority"]) for s in depth} == {
-        (q, str(p)) for q in ("generate", "edit") for p in range(10)
+        (q, str(p)) for q in QUEUES for p in range(10)
     }, "every queue and priority is reported, empty ones at 0"
     assert any(s.name == "zimage_queue_oldest_age_seconds" for s in samples)
     assert value(samples, "zimage_jobs_total", status="canceled") >= 1

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, insert, text
 from core.db import make_async_engine
 from core.ids import tenant_id as new_tenant_id
 from core.models import tenants
+from core.queue import QUEUES
 from core.queue_stats import QUEUE_STATS, QueueStats, QueueStatsCollector
 from core.settings import Settings
 
@@ -104,7 +105,7 @@ def test_the_collector_reports_every_queue_and_priority_from_one_cached_read(
     first, second, first_s = asyncio.run(scrape_twice())
     print(f"\nQueueStats.refresh at {QUEUED} queued jobs: {first_s * 1000:.1f} ms")
     depth = samples(first, "zimage_queue_depth")
-    assert len(depth) == 20, "2 queues x 10 priorities, empty ones at 0"
+    assert len(depth) == len(QUEUES) * 10, "every queue (generate, edit, base) x 10 priorities, empty ones at 0"
     assert sum(depth.values()) >= QUEUED
     assert depth["edit", "0"] >= QUEUED / 10 and depth["generate", "0"] == 0
     assert 99 < samples(first, "zimage_queue_oldest_age_seconds")["generate", "9"] < 700, "job 99 999: 100 s old"
