@@ -10,7 +10,9 @@ The queue interleaves bare jobs, adapter A and adapter B (one image each, one pr
 - engine, job by job: the engine in queue order, adapters cached (a switch at every job, no batching);
 - engine, batched: the worker's way: jobs grouped by adapter set (the claim's group key), one switch per batch.
 Figures: the switch between two cached adapters (median of 200), one denoising step of a one-image call, their
-ratio, and one adapter load (what the naive way pays per job).
+ratio, and one adapter load (what the naive way pays per job). ``--full-size-switch`` adds the switch and load
+on the full-size 6B transformer (uninitialised bf16 weights on the CPU: a switch runs no kernel, only peft's
+per-layer bookkeeping, so it costs the same there as beside a GPU) with two rank-32 adapters.
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ def run_engine(engine: Engine, queue: Sequence[QueuedJob], adapters: dict[str, A
     return time.perf_counter() - started
 
 
-def switch_figures(engine: Engine, adapters: dict[str, Adapter], size: int, repeats: int = 200) -> dict[str, float]:
+def switch_figures(
+    engine: Engine, adapters: dict[str, Adapter], size: int, repeats: int = 200
+) -> dict[str, float | None]:
     """Median milliseconds of a switch between two cached adapters, of one denoising step, and of one load."""
     a, b = list(adapters.values())[:2]
     slots = engine.adapters
@@ -141,6 +145,50 @@ def switch_figures(engine: Engine, adapters: dict[str, Adapter], size: int, repe
     }
 
 
+def full_size_switch(rank: int = 32, repeats: int = 40) -> dict[str, float]:
+    """Switch and load milliseconds on the full-size transformer with two random rank-``rank`` adapters on every
+    attention and feed-forward projection (no forward pass: the weights are left uninitialised)."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
+
+    from core.adapter_shapes import ZIMAGE_TRANSFORMER, linear_layers
+    from deploy.tiny_adapter import random_lora
+    from worker.engine import AdapterSlots
+
+    with init_empty_weights():
+        transformer = ZImageTransformer2DModel(**ZIMAGE_TRANSFORMER)
+    torch.nn.Module.to(transformer, dtype=torch.bfloat16)
+    transformer.to_empty(device="cpu")
+    transformer.requires_grad_(False)
+    layers = linear_layers(ZIMAGE_TRANSFORMER)
+    pair = [Adapter(f"full-{seed}", random_lora(layers, rank=rank, seed=seed), None, 0) for seed in (1, 2)]
+    slots = AdapterSlots(SimpleNamespace(transformer=transformer), 8 << 30)  # type: ignore[arg-type]
+    started = time.perf_counter()
+    slots.activate([LoraUse(pair[0], 1.0)])
+    load_ms = (time.perf_counter() - started) * 1000
+    slots.activate([LoraUse(pair[1], 1.0)])
+    samples = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        slots.activate([LoraUse(pair[i % 2], 1.0)])
+        samples.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    slots.activate([])
+    disable_ms = (time.perf_counter() - started) * 1000
+    return {
+        "rank": rank,
+        "lora_layers": sum(
+            1 for name in layers if name.endswith(("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"))
+        ),
+        "switch_ms": round(statistics.median(samples) * 1000, 2),
+        "disable_ms": round(disable_ms, 2),
+        "load_ms": round(load_ms, 1),
+        "adapter_mib": round(pair[0].parameters() * 2 / 2**20, 1),
+    }
+
+
 def measure(
     pipe: ZImagePipeline,
     engine: Engine,
@@ -151,7 +199,7 @@ def measure(
     steps: int,
     log: Callable[[str], None],
     rounds: int = 3,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
+) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
     """The three rows (medians of ``rounds``) and the switch figures. ``pipe`` is a plain pipeline for the naive
     row with a transformer of its own (unloading adapters from it must not touch the engine's)."""
     adapters = {name: Adapter.from_bytes(f"bench-{name}", path.read_bytes()) for name, path in files.items()}
@@ -199,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--full-size-switch", action="store_true", help="also time a switch on the 6B transformer")
     args = parser.parse_args(argv)
     from deploy.tiny_adapter import build_tiny_adapter
 
@@ -219,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         f"switch between cached adapters: {figures['switch_ms']} ms; one denoising step ({args.size}², one image):"
         f" {figures['step_ms']} ms; ratio {figures['switch_per_step']}; one adapter load: {figures['load_ms']} ms"
     )
-    report.write_json(args.out, {"bench": "adapters", "rows": rows, "switch": figures,
+    full = full_size_switch() if args.full_size_switch else None
+    if full is not None:
+        print(
+            f"full size ({full['lora_layers']} LoRA layers, rank {full['rank']}, {full['adapter_mib']} MiB each):"
+            f" switch {full['switch_ms']} ms, disable {full['disable_ms']} ms, load {full['load_ms']} ms"
+        )
+    report.write_json(args.out, {"bench": "adapters", "rows": rows, "switch": figures, "full_size": full,
                                  "settings": {"size": args.size, "steps": args.steps, "jobs": args.jobs}})  # fmt: skip
     print(f"wrote {args.out}")
     return 0
