@@ -15,13 +15,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install the project with its dev tools (and the zimage command)
 
 TINY_EDIT := checkpoints/tiny/edit
+TINY_BASE := checkpoints/tiny/base
 
-# The Edit checkpoint first: the Turbo marker, written last, is what says both builds finished.
+# The Edit and Base checkpoints first: the Turbo marker, written last, is what says every build finished.
 $(TINY)/tiny_checkpoint.json: $(STAMP) deploy/tiny_checkpoint.py deploy/tiny_edit_checkpoint.py
 	$(PY) -m deploy.tiny_edit_checkpoint $(TINY_EDIT)
+	$(PY) -m deploy.tiny_checkpoint $(TINY_BASE) --base
 	$(PY) -m deploy.tiny_checkpoint $(TINY)
 
-checkpoint: $(TINY)/tiny_checkpoint.json  ## build the tiny random-weight Turbo and Edit checkpoints (offline, seconds)
+checkpoint: $(TINY)/tiny_checkpoint.json  ## build the tiny random-weight Turbo, Base and Edit checkpoints (offline, seconds)
 
 migrate: install  ## create the database if needed and apply migrations
 	$(VENV)/bin/zimage-admin migrate

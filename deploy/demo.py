@@ -3,7 +3,8 @@ through the SDK (``zimage_client``), follow it with a live progress bar (server-
 and download every image (written atomically, checked against its sha256) into ``demo-output/`` with an offline
 ``index.html``, edit the first image in every mode, print a summary and the gallery link, and stop everything it
 started (also on Ctrl-C). A tiny LoRA adapter (made with peft on the tiny checkpoint) is uploaded first, and the
-first prompts run twice in the batch, bare and with the adapter, side by side in the gallery.
+first prompts run twice in the batch, bare and with the adapter, side by side in the gallery; the first prompt also
+runs on Z-Image Base (CFG, a negative prompt, Base's 28 steps) right beside its Turbo image.
 """
 
 from __future__ import annotations
@@ -139,28 +140,32 @@ def run() -> int:
             adapter = client.create_adapter(style, name="demo-style")
             print(f"uploaded adapter {adapter['name']} ({adapter['id']}): rank {adapter['rank']} on"
                   f" {len(adapter['target_modules'])} layers, checked against the served transformer")  # fmt: skip
-            return _submit_and_collect(client, stack.api_url, adapter["id"])
+            return _submit_and_collect(client, stack.api_url, adapter["id"], base=bool(settings.base_model))
     finally:
         print("stopping the stack ...")
         stack.stop()
         print("stopped.")
 
 
-def _batch_jobs(adapter_id: str) -> list[dict[str, Any]]:
-    """One job per prompt; the first ``STYLED`` prompts again with the adapter, right after their bare twin."""
+def _batch_jobs(adapter_id: str, *, base: bool = False) -> list[dict[str, Any]]:
+    """One job per prompt; the first ``STYLED`` prompts again with the adapter, right after their bare twin; with
+    ``base``, the first prompt also on Z-Image Base (its defaults: CFG, 28 steps), beside its Turbo image."""
     jobs = []
     for i, (prompt, width, height) in enumerate(PROMPTS):
         job = {"prompt": prompt, "width": width, "height": height, "seed": 1000 + i, "metadata": {"demo_index": i}}
         jobs.append(job)
+        if base and i == 0:
+            on_base = {"model": "z-image-base", "negative_prompt": "blurry, low quality"}
+            jobs.append({**job, **on_base, "metadata": {"demo_index": i, "model": "z-image-base"}})
         if i < STYLED:
             lora = [{"adapter_id": adapter_id, "scale": 1.0}]
             jobs.append({**job, "loras": lora, "metadata": {"demo_index": i, "adapter": "demo-style"}})
     return jobs
 
 
-def _submit_and_collect(client: Client, api_url: str, adapter_id: str) -> int:
+def _submit_and_collect(client: Client, api_url: str, adapter_id: str, *, base: bool = False) -> int:
     t0 = time.monotonic()
-    batch = client.submit_batch(_batch_jobs(adapter_id), metadata={"demo": "make demo"})
+    batch = client.submit_batch(_batch_jobs(adapter_id, base=base), metadata={"demo": "make demo"})
     print(f"submitted {batch['counts']['total']} jobs as one batch ({batch['id']}) in {time.monotonic() - t0:.2f} s")
     print(f"  live gallery while the demo runs: {api_url}{batch['gallery_url']}")
     with BatchProgress(Console(stderr=True), batch["id"], images_per_job=1) as bar:
@@ -185,6 +190,8 @@ def _submit_and_collect(client: Client, api_url: str, adapter_id: str) -> int:
         req = job["request"]
         label = f"[{req['mode']}] " if req.get("mode") else ""
         label += "[adapter demo-style] " if req.get("loras") else ""
+        if req.get("model"):  # named only when it is not the kind's default (Turbo): the Base twin
+            label += f"[{req['model']}, guidance {req['guidance_scale']:g}, {req['steps']} steps] "
         entry = {
             "prompt": label + req["prompt"],
             "width": req["width"],

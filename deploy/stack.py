@@ -32,6 +32,7 @@ from worker.webhooks import READY
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_EDIT = "checkpoints/tiny/edit"
+TINY_BASE = "checkpoints/tiny/base"
 
 
 class StackError(RuntimeError):
@@ -46,7 +47,7 @@ class Stack:
     run_dir: Path
     api_port: int = 8000
     s3_port: int | None = 8333  # None: S3 is external (settings.s3_endpoint_url), start no SeaweedFS
-    worker_queues: str = "generate,edit"
+    worker_queues: str = "generate,edit,base"  # Turbo, Edit and Base (each loaded only when its model is set)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # Each worker's metrics port: a free one each, so workers (and test runs) sharing a host never collide.
     metrics_ports: dict[str, int] = field(default_factory=dict)
@@ -279,6 +280,8 @@ def dev_settings(run_dir: Path, *, s3_port: int = 8333, api_port: int = 8000) ->
         overrides["s3_endpoint_url"] = f"http://127.0.0.1:{s3_port}"
     if "ZIMAGE_EDIT_MODEL" not in os.environ and (ROOT / TINY_EDIT / "model_index.json").exists():
         overrides["edit_model"] = TINY_EDIT  # the tiny Omni checkpoint `make checkpoint` builds
+    if "ZIMAGE_BASE_MODEL" not in os.environ and (ROOT / TINY_BASE / "model_index.json").exists():
+        overrides["base_model"] = TINY_BASE  # the tiny Base: the tiny Turbo's text encoder and VAE, shared
     return base.model_copy(update=overrides)
 
 
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=str(ROOT / ".run"))
     parser.add_argument("--api-port", type=int, default=8000)
     parser.add_argument("--s3-port", type=int, default=8333)
-    parser.add_argument("--queues", default="generate,edit")
+    parser.add_argument("--queues", default="generate,edit,base")
     parser.add_argument("--tenant", default="local")
     args = parser.parse_args(argv)
     return _up(args) if args.command == "up" else _down(args)

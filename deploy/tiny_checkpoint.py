@@ -1,11 +1,15 @@
-"""Build a tiny random-weight checkpoint shaped like Z-Image-Turbo, offline, in a few seconds.
+"""Build a tiny random-weight checkpoint shaped like Z-Image-Turbo (or Z-Image Base), offline, in a few seconds.
 
 Every component is the real class the Turbo checkpoint uses (ZImageTransformer2DModel, Qwen3Model, a
 FLUX-layout AutoencoderKL, FlowMatchEulerDiscreteScheduler, Qwen2Tokenizer), saved with
 ``ZImagePipeline.save_pretrained``, so ``ZImagePipeline.from_pretrained(DIR)`` runs exactly the code path used
 with the real weights.
 
-Usage: ``python -m deploy.tiny_checkpoint DIR [--seed N] [--if-missing]``.
+Usage: ``python -m deploy.tiny_checkpoint DIR [--seed N] [--base [--transformer-seed M]] [--if-missing]``.
+
+``--base`` builds the tiny Base: the very text encoder, tokenizer, VAE and scheduler of the tiny Turbo of the same
+``--seed`` (so a worker shares them, as it shares the real Turbo's and Base's), with a transformer of its own
+(``--transformer-seed``, default 1): a different model behind the same components.
 
 Dev tooling for tests, benchmarks and ``make checkpoint``: the worker never imports it. The Edit builder,
 ``deploy.tiny_edit_checkpoint``, builds on this module with a command of its own; this one never imports it.
@@ -35,6 +39,8 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 # Bump whenever the layout, sizes, tokenizer or corpus change: callers cache builds keyed on it.
 TINY_CHECKPOINT_VERSION = 1
+TINY_BASE_VERSION = 1  # the tiny Base's marker: its own version, its transformer seed beside the shared seed
+BASE_TRANSFORMER_SEED = 1
 MARKER_FILE = "tiny_checkpoint.json"
 
 TEXT_HIDDEN = 32  # text encoder hidden size == transformer cap_feat_dim
@@ -190,8 +196,9 @@ def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 
 
-def build_pipeline(seed: int = 0) -> ZImagePipeline:
-    """Assemble the tiny pipeline in memory; the same seed gives identical weights."""
+def build_pipeline(seed: int = 0, transformer_seed: int | None = None) -> ZImagePipeline:
+    """Assemble the tiny pipeline in memory; the same seed gives identical weights. ``transformer_seed``: the
+    transformer drawn from its own seed, every other component exactly the ``seed`` build's (the tiny Base)."""
     tokenizer = build_tokenizer()
     # fork_rng keeps the caller's global RNG untouched while the seed fixes every initialiser.
     with torch.random.fork_rng(devices=[]):
@@ -199,6 +206,9 @@ def build_pipeline(seed: int = 0) -> ZImagePipeline:
         text_encoder = build_text_encoder(len(tokenizer), tokenizer.pad_token_id)
         transformer = build_transformer()
         vae = build_vae()
+        if transformer_seed is not None:
+            torch.manual_seed(transformer_seed)
+            transformer = build_transformer()
     # The ignores: diffusers annotates these two with a dummy scheduler class and AutoTokenizer.
     return ZImagePipeline(
         scheduler=build_scheduler(),  # type: ignore[arg-type]
@@ -244,17 +254,39 @@ def ensure_tiny_turbo(path: Path, seed: int = 0) -> Path:
     return Path(path) if is_current(path, seed) else build_tiny_turbo(path, seed)
 
 
+def build_tiny_base(path: Path, seed: int = 0, transformer_seed: int = BASE_TRANSFORMER_SEED) -> Path:
+    """Write a tiny Z-Image Base pipeline folder to ``path``: the ``seed`` Turbo's text encoder, tokenizer and VAE,
+    a transformer of its own from ``transformer_seed``."""
+    pipe = build_pipeline(seed, transformer_seed=transformer_seed)
+    return save_marked(pipe, path, seed=_base_marker_seed(seed, transformer_seed), version=TINY_BASE_VERSION)
+
+
+def _base_marker_seed(seed: int, transformer_seed: int) -> int:
+    """Both seeds of a tiny Base build as the marker's one number."""
+    return seed * 1_000_003 + transformer_seed
+
+
+def ensure_tiny_base(path: Path, seed: int = 0, transformer_seed: int = BASE_TRANSFORMER_SEED) -> Path:
+    """Build the tiny Base at ``path`` unless a current build is already there."""
+    current = has_marker(path, seed=_base_marker_seed(seed, transformer_seed), version=TINY_BASE_VERSION)
+    return Path(path) if current else build_tiny_base(path, seed, transformer_seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: build (or, with --if-missing, reuse) a tiny Turbo checkpoint."""
-    parser = argparse.ArgumentParser(
-        prog="python -m deploy.tiny_checkpoint", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m deploy.tiny_checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="output folder (a diffusers pipeline folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--if-missing", action="store_true", help="keep an existing build of this version")
+    parser.add_argument("--base", action="store_true", help="the tiny Base: Turbo's components, its own transformer")
+    parser.add_argument("--transformer-seed", type=int, default=BASE_TRANSFORMER_SEED, help="the Base transformer's")
     args = parser.parse_args(argv)
     # The shard-writing progress bar is noise for a build that takes a few seconds.
     transformers.utils.logging.disable_progress_bar()
+    if args.base:
+        build_base = ensure_tiny_base if args.if_missing else build_tiny_base
+        print(build_base(args.dir, args.seed, args.transformer_seed))
+        return 0
     build = ensure_tiny_turbo if args.if_missing else build_tiny_turbo
     print(build(args.dir, args.seed))
     return 0

@@ -17,7 +17,7 @@ import redis
 import torch
 from sqlalchemy import Engine, text
 
-from core import logs, storage
+from core import catalog, logs, storage
 from core.db import make_engine
 from core.settings import Settings
 from core.sweeper import SweeperThread
@@ -37,8 +37,8 @@ class WorkerContext:
     settings: Settings
     worker_id: str
     queues: tuple[str, ...]
-    engine: InferenceEngine
-    edit_engine: EditEngine
+    engine: InferenceEngine  # the first loaded: Turbo, or Base on a worker serving Base alone
+    edit_engine: EditEngine | None  # on the Turbo modules and the Edit checkpoint; None without Turbo
     db: Engine
     s3: Any
     recorder: Recorder  # stores results and records how jobs end
@@ -52,6 +52,13 @@ class WorkerContext:
     busy_base: float = 0.0  # accelerator seconds spent before the worker was ready (warm-up)
     stats: dict[str, int] = field(default_factory=lambda: {"batches": 0, "jobs": 0, "images": 0})
     stats_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Every generate engine this worker loaded, by model name (core.catalog): Turbo and/or Base.
+    engines: dict[str, InferenceEngine] = field(default_factory=dict)
+
+    @property
+    def busy_seconds(self) -> float:
+        """Accelerator seconds of every engine."""
+        return sum(engine.busy_seconds for engine in self.engines.values()) or self.engine.busy_seconds
 
 
 class Heartbeat(threading.Thread):
@@ -126,18 +133,42 @@ def engine_options(settings: Settings) -> EngineOptions:
     )
 
 
+def load_engines(
+    settings: Settings, queues: tuple[str, ...], options: EngineOptions
+) -> tuple[dict[str, InferenceEngine], EditEngine | None]:
+    """The models this worker's queues serve, each loaded once: Turbo for ``generate`` and ``edit`` (img2img and
+    inpaint run on its modules, the Edit checkpoint shares its text encoder and VAE), Base for ``base`` (sharing
+    Turbo's text encoder, tokenizer and VAE objects when they match, and then its prompt encoder and cache)."""
+    engines: dict[str, InferenceEngine] = {}
+    serve_base = "base" in queues and bool(settings.base_model)
+    if "base" in queues and not settings.base_model:
+        log.warning("the base queue is consumed but ZIMAGE_BASE_MODEL is unset: Base is not loaded")
+    turbo = None
+    if {"generate", "edit"} & set(queues) or not serve_base:
+        turbo = engines[catalog.TURBO] = InferenceEngine.from_pretrained(settings.turbo_model, options)
+    if serve_base:
+        assert settings.base_model is not None
+        engines[catalog.BASE] = InferenceEngine.base_from_pretrained(settings.base_model, options, turbo=turbo)
+    edit_engine = None
+    if turbo is not None:
+        # img2img and inpaint reuse the Turbo modules; instruct loads the Edit checkpoint when this worker serves it.
+        edit_model = settings.edit_model if "edit" in queues else None
+        edit_engine = EditEngine(turbo.pipe, edit_model=edit_model, options=options, adapters=turbo.adapters)
+    return engines, edit_engine
+
+
 def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: bool = True) -> WorkerContext:
     """Load the pipelines, warm them up, open connections, register the worker as ready."""
     global _context, _loads
     options = engine_options(settings)
-    engine = InferenceEngine.from_pretrained(settings.turbo_model, options)
+    engines, edit_engine = load_engines(settings, queues, options)
+    engine = next(iter(engines.values()))
     _loads += 1
-    # img2img and inpaint reuse the Turbo modules; instruct loads the Edit checkpoint when this worker serves it.
-    edit_model = settings.edit_model if "edit" in queues else None
-    edit_engine = EditEngine(engine.pipe, edit_model=edit_model, options=options, adapters=engine.adapters)
     if settings.warmup:
-        engine.warmup()
-        edit_engine.warmup()
+        for loaded in engines.values():
+            loaded.warmup()
+        if edit_engine is not None:
+            edit_engine.warmup()
     db = make_engine(settings, pool_size=2)
     s3 = storage.make_s3_client(settings)
     storage.ensure_bucket(s3, settings.s3_bucket)
@@ -166,7 +197,8 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
             bucket=settings.s3_bucket,
             db_retry_s=settings.db_retry_s,
             storage_retry_s=settings.storage_retry_s,
-            model_id=settings.turbo_model,
+            model_id=engine.model_id,
+            model_ids=tuple((name, loaded.model_id) for name, loaded in engines.items()),
             redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
             redis_prefix=settings.redis_prefix,
             log_prompts=settings.log_prompts,
@@ -175,7 +207,8 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         uploads=ThreadPoolExecutor(
             upload_threads(settings, engine.device), thread_name_prefix="upload", initializer=_yield_cpu
         ),
-        busy_base=engine.busy_seconds,
+        busy_base=sum(loaded.busy_seconds for loaded in engines.values()),
+        engines=engines,
     )
     with db.begin() as conn:
         conn.execute(
@@ -197,7 +230,8 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         ctx.sweeper = SweeperThread(db, redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings)
         ctx.sweeper.start()
     _context = ctx
-    log.info("worker %s ready: %s on %s", worker_id, settings.turbo_model, ",".join(queues))
+    models = ", ".join(f"{name}={loaded.model_id}" for name, loaded in engines.items())
+    log.info("worker %s ready: %s on %s", worker_id, models, ",".join(queues))
     return ctx
 
 
@@ -223,13 +257,16 @@ def get_context() -> WorkerContext:
 def busy_fraction(ctx: WorkerContext) -> float:
     """Fraction of wall time since the worker was ready that the accelerator spent running batches."""
     wall = time.monotonic() - ctx.started
-    return min(1.0, (ctx.engine.busy_seconds - ctx.busy_base) / wall) if wall > 0 else 0.0
+    return min(1.0, (ctx.busy_seconds - ctx.busy_base) / wall) if wall > 0 else 0.0
 
 
 def cache_stats(ctx: WorkerContext) -> list[CacheStats]:
     """The counters of the prompt-embedding caches this worker's engines use (none when caching is off)."""
-    cache = ctx.engine.embedding_cache
-    return [cache.stats()] if cache is not None else []
+    # Engines sharing a text encoder share one cache: each cache is reported once.
+    caches = {id(e.embedding_cache): e.embedding_cache for e in ctx.engines.values() if e.embedding_cache is not None}
+    if not caches and ctx.engine.embedding_cache is not None:
+        return [ctx.engine.embedding_cache.stats()]
+    return [cache.stats() for cache in caches.values()]
 
 
 def record_stats(ctx: WorkerContext, *, jobs: int, images: int) -> None:
@@ -242,7 +279,7 @@ def record_stats(ctx: WorkerContext, *, jobs: int, images: int) -> None:
             "b": ctx.stats["batches"],
             "j": ctx.stats["jobs"],
             "i": ctx.stats["images"],
-            "busy": ctx.engine.busy_seconds - ctx.busy_base,
+            "busy": ctx.busy_seconds - ctx.busy_base,
             "wall": time.monotonic() - ctx.started,
             "loads": _loads,
             "id": ctx.worker_id,

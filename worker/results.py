@@ -41,6 +41,8 @@ class Recorder:
     redis: Any = None  # where job events are published (None: not published)
     redis_prefix: str = ""
     log_prompts: bool = False  # whether a job's log lines may carry its prompt
+    # The weights of each model a job may name (core.catalog), for its images' metadata; model_id otherwise.
+    model_ids: tuple[tuple[str, str], ...] = ()
 
     def log_context(self, job: ClaimedJob) -> AbstractContextManager[None]:
         """Lines logged in the block are about ``job``: its id, batch, tenant and attempt."""
@@ -129,6 +131,10 @@ class Recorder:
         )
         return "canceled"
 
+    def _model_of(self, request: dict[str, Any]) -> str:
+        """The weights that ran a job: its named model's, else the worker's default."""
+        return dict(self.model_ids).get(request.get("model") or "", self.model_id)
+
     def _upload(self, job: ClaimedJob, images: Sequence[Image.Image]) -> tuple[list[dict[str, Any]], int]:
         started = time.perf_counter()
         r = job.request
@@ -140,7 +146,7 @@ class Recorder:
                 image,
                 fmt,
                 quality=r["output_quality"],
-                text={"job_id": job.id, "prompt": r["prompt"], "seed": str(seed), "model": self.model_id},
+                text={"job_id": job.id, "prompt": r["prompt"], "seed": str(seed), "model": self._model_of(r)},
             )
             key = storage.result_key(job.tenant_id, job.id, index, EXTENSIONS[fmt])
             sha256 = retrying(

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from core import lifecycle
+from core import catalog, lifecycle
 from core.errors import InvalidInput, OutOfMemory, ServiceError, job_error_code
 from core.events import JobEvent
 from core.lifecycle import ClaimedJob
 from core.status import ErrorCode
 from worker import metrics, process
-from worker.engine import BatchInterrupted, EditRequest, ImageRequest, LoraUse, PreparedBatch, RequestResult
+from worker.engine import BatchInterrupted, EditRequest, Engine, ImageRequest, LoraUse, PreparedBatch, RequestResult
 from worker.guard import BatchGuard
 from worker.inputs import edit_request
 from worker.process import WorkerContext, record_stats
@@ -52,6 +52,7 @@ class Batch:
     jobs: list[ClaimedJob]
     guard: BatchGuard
     prepared: PreparedBatch | None = None  # generate jobs
+    engine: Engine | None = None  # the model that runs them
     edits: list[EditRequest] | None = None  # edit jobs, their input images loaded
     prepare_s: float = 0.0  # text encoding and noise of a generate batch: part of its inference time
     invalid: str | None = None  # why the batch cannot run at all
@@ -97,16 +98,17 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
     ctx.recorder.publish(found)
     batch = Batch(jobs, BatchGuard(jobs, db=ctx.db, settings=s, publish=ctx.recorder.publish).start())
     try:
-        model = jobs[0].request.get("model")
-        if model not in (None, "z-image-turbo", "z-image-edit"):
-            raise InvalidInput(f"this worker does not load {model}")
         if jobs[0].kind == "edit":
+            if ctx.edit_engine is None:
+                raise InvalidInput("this worker does not load Turbo, which edits need")
             batch.edits = _edit_requests(ctx, batch)
         else:
+            # A batch is one group (the group key names the model): its first job's model runs it.
+            batch.engine = engine_for(ctx, jobs[0])
             started = time.perf_counter()
             # The batch's adapters are fetched here, off the accelerator's thread (once per worker, then cached).
             requests = [image_request(j, ctx.adapter_store.uses(j)) for j in jobs]
-            batch.prepared = ctx.engine.prepare(requests)
+            batch.prepared = batch.engine.prepare(requests)
             batch.prepare_s = time.perf_counter() - started
     except ServiceError as exc:  # refused input, or an adapter gone or unreadable: running it again cannot help
         batch.invalid, batch.code = exc.message, job_error_code(exc)
@@ -114,6 +116,15 @@ def claim(ctx: WorkerContext, queue: str, *, ahead: bool = False) -> Batch | Non
         oom = OutOfMemory(f"out of memory while encoding prompts: {exc}")
         batch.invalid, batch.code = oom.message, job_error_code(oom)
     return batch
+
+
+def engine_for(ctx: WorkerContext, job: ClaimedJob) -> Engine:
+    """The loaded model a generate job names (Turbo when it names none); InvalidInput when this worker has none."""
+    model = job.request.get("model") or catalog.default_model(job.kind, job.request.get("mode"))
+    engine = ctx.engines.get(model)
+    if engine is None:
+        raise InvalidInput(f"this worker does not load {model}")
+    return engine
 
 
 def _edit_requests(ctx: WorkerContext, batch: Batch) -> list[EditRequest]:
@@ -192,10 +203,11 @@ def run_batch(ctx: WorkerContext, batch: Batch, report: DrainReport) -> list[Fut
     try:
         results: list[RequestResult]
         if batch.edits is not None:
+            assert ctx.edit_engine is not None  # claim refused edits without it
             results = ctx.edit_engine.edit(batch.edits, on_step=guard)
         else:
-            assert batch.prepared is not None
-            results = ctx.engine.run(batch.prepared, on_step=guard)
+            assert batch.prepared is not None and batch.engine is not None
+            results = batch.engine.run(batch.prepared, on_step=guard)
     except BatchInterrupted as exc:
         exc.reason = guard.reason
         _interrupted(ctx, batch, exc, report)

@@ -112,9 +112,7 @@ def test_tokenizer_is_byte_level(pipe: ZImagePipeline, text: str) -> None:
 def test_chat_template_matches_what_the_pipeline_asks_for(pipe: ZImagePipeline) -> None:
     tokenizer = pipe.tokenizer
     messages = [{"role": "user", "content": CHINESE}]
-    wrapped = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
-    )
+    wrapped = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
     assert wrapped == f"<|im_start|>user\n{CHINESE}<|im_end|>\n<|im_start|>assistant\n"
     no_think = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
@@ -128,9 +126,7 @@ def test_chat_template_matches_what_the_pipeline_asks_for(pipe: ZImagePipeline) 
 
 def test_the_pipeline_runs_end_to_end(pipe: ZImagePipeline) -> None:
     generator = torch.Generator("cpu").manual_seed(0)
-    image = pipe(
-        CHINESE, width=256, height=256, num_inference_steps=1, guidance_scale=0.0, generator=generator
-    )
+    image = pipe(CHINESE, width=256, height=256, num_inference_steps=1, guidance_scale=0.0, generator=generator)
     assert image.images[0].size == (256, 256)
 
 
@@ -168,3 +164,25 @@ def test_command_line_and_cache(tmp_path: Path) -> None:
     assert not is_current(target, seed=3)
     ensure_tiny_turbo(target, seed=3)
     assert is_current(target, seed=3)
+
+
+def test_the_tiny_base_has_turbos_components_and_its_own_transformer(
+    tiny_turbo_dir: Path, tiny_base_dir: Path, tmp_path: Path
+) -> None:
+    turbo, base = _weight_files(tiny_turbo_dir), _weight_files(tiny_base_dir)
+    assert set(base) == set(turbo)
+    for name in (
+        "text_encoder/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "tokenizer/tokenizer.json",
+    ):
+        assert base[name] == turbo[name], name  # byte for byte: shareable with the tiny Turbo
+    transformer = "transformer/diffusion_pytorch_model.safetensors"
+    assert base[transformer] != turbo[transformer]
+    # The command line builds the same folder, and --if-missing keeps it.
+    target = tmp_path / "cli-base"
+    assert main([str(target), "--base", "--transformer-seed", "1"]) == 0
+    assert _weight_files(target) == base
+    stamp = (target / transformer).stat().st_mtime_ns
+    assert main([str(target), "--base", "--if-missing"]) == 0
+    assert (target / transformer).stat().st_mtime_ns == stamp

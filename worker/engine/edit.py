@@ -8,8 +8,6 @@ a sample of its weights match Turbo's.
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +21,6 @@ from diffusers.pipelines.z_image.pipeline_z_image_inpaint import ZImageInpaintPi
 from diffusers.pipelines.z_image.pipeline_z_image_omni import ZImageOmniPipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from PIL import Image, ImageOps
-from safetensors import safe_open
 
 from core.errors import InvalidInput, OutOfMemory
 from core.work import PIXELS_PER_TOKEN, denoising_steps
@@ -32,6 +29,7 @@ from worker.engine.decode import decode_latents
 from worker.engine.oom import check_injected, run_in_halves
 from worker.engine.options import EngineOptions
 from worker.engine.progress import Progress, StepCallback
+from worker.engine.sharing import SHAREABLE, reusable
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +43,6 @@ MIN_CONDITION_SIDE = 64
 MAX_CONDITION_ASPECT = 8
 # ZImageOmniPipeline.prepare_image_latents calls ``vae.encode(image.bfloat16())``: its VAE must be bf16.
 OMNI_VAE_DTYPE = torch.bfloat16
-# Config keys that differ between two saves of the same weights.
-_VOLATILE_CONFIG_KEYS = {"architectures", "dtype", "torch_dtype", "transformers_version"}
-_SHAREABLE = ("text_encoder", "vae")  # what an edit checkpoint may take from Turbo instead of loading
-_WEIGHT_SAMPLES = 3  # tensors compared per component before sharing it
-_SAMPLE_ROWS = 4  # leading rows of each sampled tensor that are compared
 
 
 @dataclass(frozen=True, eq=False)
@@ -349,91 +342,11 @@ def load_omni(
 ) -> tuple[ZImageOmniPipeline, dict[str, bool]]:
     """Load ZImageOmniPipeline from ``model`` (hub id or folder), reusing Turbo's text encoder and VAE if equal."""
     folder = Path(model) if Path(model).is_dir() else Path(ZImageOmniPipeline.download(model))
-    reuse = _reusable(turbo, folder, dtype) if turbo is not None else {}
+    needs = {"text_encoder": dtype, "vae": OMNI_VAE_DTYPE}
+    reuse = reusable(turbo, folder, needs, what="edit model") if turbo is not None else {}
     pipe = ZImageOmniPipeline.from_pretrained(folder, dtype={"default": dtype, "vae": OMNI_VAE_DTYPE}, **reuse)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    shared = {name: turbo is not None and getattr(pipe, name) is getattr(turbo, name) for name in _SHAREABLE}
+    shared = {name: turbo is not None and getattr(pipe, name) is getattr(turbo, name) for name in SHAREABLE}
     log.info("loaded edit model %s; shared with Turbo: %s", model, shared)
     return pipe, shared
-
-
-def _reusable(turbo: ZImagePipeline, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
-    """Turbo's components the edit checkpoint in ``folder`` can use as they are, by component name."""
-    reuse: dict[str, Any] = {}
-    for name in _SHAREABLE:
-        module = getattr(turbo, name)
-        needed = OMNI_VAE_DTYPE if name == "vae" else dtype
-        if not (folder / name).is_dir():
-            # A transformer-only release relies on the base model's component: Turbo's is the one there is.
-            if module.dtype != needed:
-                raise ValueError(
-                    f"the edit model has no {name} and Turbo's is {module.dtype}; the edit pipeline needs"
-                    f" {needed}: run the worker with ZIMAGE_DTYPE=bfloat16"
-                )
-            log.info("edit model has no %s: using Turbo's", name)
-            reuse[name] = module
-        elif module.dtype != needed:
-            log.info("not sharing %s: Turbo's is %s, the edit pipeline needs %s", name, module.dtype, needed)
-        elif not same_config(module, folder / name):
-            log.info("not sharing %s: its config differs from Turbo's", name)
-        elif not same_weights(module, folder / name):
-            log.info("not sharing %s: its weights differ from Turbo's", name)
-        else:
-            reuse[name] = module
-    return reuse
-
-
-def same_config(module: Any, folder: Path) -> bool:
-    """True when the config saved in ``folder`` describes the same model as ``module``'s config."""
-    if hasattr(module.config, "to_dict"):  # a transformers PreTrainedModel
-        other = type(module.config).from_pretrained(folder).to_dict()
-        mine = module.config.to_dict()
-    else:  # a diffusers ModelMixin: fill defaults so an older save with fewer keys still compares equal
-        cls = type(module)
-        other = _init_config(cls, cls.load_config(folder))
-        mine = _init_config(cls, dict(module.config))
-    return _canonical(mine) == _canonical(other)
-
-
-def same_weights(module: torch.nn.Module, folder: Path) -> bool:
-    """True when a sample of the tensors saved in ``folder`` equals ``module``'s (a cheap fingerprint)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return False
-    state = module.state_dict()
-    compared = 0
-    with safe_open(str(files[0]), framework="pt") as saved:
-        names = sorted(saved.keys())
-        picks = dict.fromkeys([names[0], names[len(names) // 2], names[-1]][:_WEIGHT_SAMPLES])
-        for name in picks:
-            key = name if name in state else name.removeprefix("model.")
-            if key not in state:
-                continue
-            mine = state[key].detach()
-            sliced = saved.get_slice(name)
-            if len(sliced.get_shape()) == 0:
-                theirs = saved.get_tensor(name)
-            else:
-                rows = min(_SAMPLE_ROWS, sliced.get_shape()[0])
-                theirs, mine = sliced[:rows], mine[:rows]
-            if not torch.equal(theirs.to(mine.dtype), mine.cpu()):
-                return False
-            compared += 1
-    return compared > 0
-
-
-def _init_config(cls: type, config: dict[str, Any]) -> dict[str, Any]:
-    """The constructor arguments a diffusers config stands for: saved values over the signature defaults."""
-    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
-    values = {
-        name: p.default for name, p in params.items() if name != "self" and p.default is not inspect.Parameter.empty
-    }
-    values.update({k: v for k, v in config.items() if k in params})
-    return values
-
-
-def _canonical(config: dict[str, Any]) -> str:
-    """A config as comparable JSON: tuples as lists, private and volatile keys dropped."""
-    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
-    return json.dumps(kept, sort_keys=True, default=str)

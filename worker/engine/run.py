@@ -29,7 +29,7 @@ from worker.engine.decode import decode_latents
 from worker.engine.embeddings import ENCODE_CHUNK, EmbeddingCache, PromptEncoder
 from worker.engine.oom import check_injected, run_in_halves
 from worker.engine.options import EngineOptions
-from worker.engine.pipelines import load_turbo
+from worker.engine.pipelines import load_base, load_turbo
 from worker.engine.progress import Progress, StepCallback
 
 WARMUP_SIZE = 256  # the smallest size the service allows
@@ -94,13 +94,20 @@ class Engine:
         model_id: str,
         options: EngineOptions | None = None,
         embedding_cache: EmbeddingCache | None = None,
+        encoder: PromptEncoder | None = None,
+        shared: dict[str, bool] | None = None,
     ) -> None:
-        """Run ``pipe`` (already loaded and placed) with ``options``' tuning; ``embedding_cache`` may be shared."""
+        """Run ``pipe`` (already loaded and placed) with ``options``' tuning; ``embedding_cache`` may be shared.
+
+        ``encoder``: another engine's prompt encoder, when ``pipe`` holds that engine's very tokenizer and text
+        encoder (Base sharing Turbo's): one encoder, one lock, one cache identity for both. ``shared``: which
+        components ``pipe`` took from another pipeline (reported, and kept out of this engine's memory count)."""
         options = options or EngineOptions(device=str(pipe._execution_device))
         self.pipe = pipe
         self.model_id = model_id
         self.options = options
         self.load_count = 0
+        self.shared = dict(shared or {})
         self.busy_seconds = 0.0  # wall seconds inside run()'s accelerator work, synchronized on CUDA
         # Looked up once: the pipeline's property walks every module on each access.
         self._device: torch.device = pipe._execution_device
@@ -118,12 +125,18 @@ class Engine:
         # Adapters live in the transformer: one set of slots per pipeline, shared with the img2img and inpaint
         # pipelines built on the same modules.
         self.adapters = AdapterSlots(pipe, options.adapter_cache_bytes)
-        text_lock = threading.Lock()
+        if encoder is not None and (
+            encoder.text_encoder is not pipe.text_encoder or encoder.tokenizer is not pipe.tokenizer
+        ):
+            raise ValueError("a shared prompt encoder must hold this pipeline's own tokenizer and text encoder")
+        text_lock = encoder.lock if encoder is not None else threading.Lock()
         # Padding to the longest prompt (and encoding prompts together) only where the embeddings stay identical
         # to the pipeline's: float32. In half precision each prompt is encoded alone at 512, as the pipeline does.
         exact_text = pipe.text_encoder.dtype == torch.float32
         longest = exact_text if options.pad_to_longest is None else options.pad_to_longest
-        self.encoder = PromptEncoder(
+        # The cache is keyed by the text encoder's identity (the checkpoint it came from), not the pipeline's: an
+        # engine sharing another's text encoder shares its encoder, so a prompt one encoded serves both.
+        self.encoder = encoder or PromptEncoder(
             pipe.tokenizer,
             pipe.text_encoder,
             # Embeddings depend on the weights, their dtype and where they ran; on the padding only in half
@@ -145,6 +158,22 @@ class Engine:
         engine = cls(load_turbo(model, options), model_id=model, options=options)
         engine.load_count = 1
         return engine
+
+    @classmethod
+    def base_from_pretrained(cls, model: str, options: EngineOptions | None = None, *, turbo: Engine | None) -> Engine:
+        """Load Z-Image Base from a hub id or local folder, holding ``turbo``'s text encoder, tokenizer and VAE
+        objects where they match (then also its prompt encoder and embedding cache), else its own."""
+        options = options or EngineOptions()
+        pipe, shared = load_base(model, options, turbo.pipe if turbo is not None else None)
+        encoder = turbo.encoder if turbo is not None and shared["text_encoder"] and shared["tokenizer"] else None
+        cache = turbo.embedding_cache if turbo is not None else None
+        engine = cls(pipe, model_id=model, options=options, embedding_cache=cache, encoder=encoder, shared=shared)
+        engine.load_count = 1
+        return engine
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The pipeline's models (transformer, text encoder, VAE), for counting memory."""
+        return [self.pipe.transformer, self.pipe.text_encoder, self.pipe.vae]
 
     @property
     def device(self) -> torch.device:
