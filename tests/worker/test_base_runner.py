@@ -4,6 +4,7 @@ the direct ZImagePipeline call of its model, and Base holds Turbo's text encoder
 
 from __future__ import annotations
 
+import hashlib
 import io
 import secrets
 from collections.abc import Iterator
@@ -16,8 +17,9 @@ from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 from sqlalchemy import Engine, insert, text
 
-from core import catalog, storage
+from core import catalog, ids, storage
 from core.ids import tenant_id as new_tenant_id
+from core.models import adapters as adapters_table
 from core.models import jobs as jobs_table
 from core.models import tenants
 from core.schemas import JobRequest
@@ -140,3 +142,36 @@ def test_a_base_image_records_the_base_weights(ctx: WorkerContext, db: Engine, t
         key = conn.execute(text("SELECT outputs FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()[0]["key"]
     image = Image.open(io.BytesIO(storage.get_object_bytes(ctx.s3, ctx.settings.s3_bucket, key)))
     assert image.info.get("model") == ctx.settings.base_model
+
+
+def test_base_jobs_take_adapters_on_their_own_transformer(
+    ctx: WorkerContext, db: Engine, tenant: str, tiny_adapters: dict[str, Path]
+) -> None:
+    # The tiny Base transformer has Turbo's shape, so a LoRA made for one loads into the other; each model's
+    # transformer holds its own adapters (Turbo's slots are untouched by a Base job).
+    adapter = _store_adapter(ctx, tenant, tiny_adapters["a"])
+    turbo, base = ctx.engines[catalog.TURBO], ctx.engines[catalog.BASE]
+    turbo_loads, base_loads = turbo.adapters.loads, base.adapters.loads
+    fields: dict[str, Any] = {"prompt": "a lighthouse", "model": "z-image-base", "steps": 2, "seed": 5}
+    styled, _ = add_job(db, tenant, **fields, loras=[{"adapter_id": adapter, "scale": 1.0}])
+    run_queue(ctx, "base")
+    bare, _ = add_job(db, tenant, **fields)
+    run_queue(ctx, "base")
+    assert base.adapters.loads == base_loads + 1 and turbo.adapters.loads == turbo_loads
+    assert diff(outputs(ctx, db, styled)[0], outputs(ctx, db, bare)[0]) > TOLERANCE
+
+
+def _store_adapter(ctx: WorkerContext, tenant: str, path: Path) -> str:
+    """An adapter file and its row, stored the way the API stores them (its checks are tested on their own)."""
+    data = path.read_bytes()
+    adapter = ids.adapter_id()
+    key = storage.adapter_key(tenant, adapter)
+    storage.put_object_checked(ctx.s3, ctx.settings.s3_bucket, key, data, "application/octet-stream")
+    with ctx.db.begin() as conn:
+        conn.execute(
+            insert(adapters_table).values(
+                id=adapter, tenant_id=tenant, name=path.stem, key=key, bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(), rank=4, target_modules=["layers.0.attention.to_q"],
+            )
+        )  # fmt: skip
+    return adapter
