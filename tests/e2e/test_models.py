@@ -5,6 +5,9 @@ its image equals its model's direct diffusers call. GET /v1/models shows all thr
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,3 +128,24 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_the_sdk_and_cli_list_models_and_name_one(stack: Stack, new_key, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from zimage_client import Client
+
+    key = new_key()
+    with Client(stack.api_url, key) as zc:
+        listed = {m["id"]: m for m in zc.list_models()}
+    assert listed["z-image-base"]["defaults"] == {"steps": 28, "guidance_scale": 4.0}
+    env = {**os.environ, "ZIMAGE_API_URL": stack.api_url, "ZIMAGE_API_KEY": key}
+    zimage = str(Path(sys.executable).with_name("zimage"))
+    shown = subprocess.run([zimage, "models"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split("\t")[0]: line for line in shown.stdout.splitlines()}
+    assert set(lines) == {"z-image-turbo", "z-image-base", "z-image-edit"}
+    assert "\tavailable\t28 steps\tguidance 4\t" in lines["z-image-base"]
+    args = ["generate", "a fox", "--model", "z-image-base", "--size", "256x256", "--steps", "2", "--out", str(tmp_path)]
+    made = subprocess.run([zimage, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    (path,) = [Path(p) for p in made.stdout.split()]
+    assert Image.open(path).info.get("model") == str(stack.settings.base_model)

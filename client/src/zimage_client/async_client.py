@@ -257,6 +257,10 @@ class AsyncClient:
         call = calls.create_adapter(file, name) if file is not None else calls.create_adapter_from_url(str(url), name)
         return await self._call(call)
 
+    async def list_models(self) -> list[dict[str, Any]]:
+        """GET /v1/models: each served model with its defaults, limits and ``available``."""
+        return list((await self._call(calls.list_models()))["data"])
+
     async def get_adapter(self, adapter_id: str) -> Adapter:
         """GET /v1/adapters/{id}."""
         return await self._call(calls.get_adapter(adapter_id))

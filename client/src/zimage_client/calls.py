@@ -158,6 +158,11 @@ def create_adapter_from_url(url: str, name: str | None = None) -> Call:
     return Call("POST", "/v1/adapters", json=body)
 
 
+def list_models() -> Call:
+    """GET /v1/models: the served models, their defaults and limits, and whether a worker for each is up."""
+    return Call("GET", "/v1/models")
+
+
 def get_adapter(adapter_id: str) -> Call:
     """GET /v1/adapters/{id}."""
     return Call("GET", f"/v1/adapters/{_id(adapter_id)}")

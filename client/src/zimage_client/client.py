@@ -274,6 +274,11 @@ class Client:
         call = calls.create_adapter(file, name) if file is not None else calls.create_adapter_from_url(str(url), name)
         return self._call(call)
 
+    def list_models(self) -> list[dict[str, Any]]:
+        """GET /v1/models: each served model (``z-image-turbo``, ``z-image-base``, ``z-image-edit``) with its
+        defaults, limits and ``available`` (a worker for it is up); name one in a job's ``model``."""
+        return list(self._call(calls.list_models())["data"])
+
     def get_adapter(self, adapter_id: str) -> Adapter:
         """GET /v1/adapters/{id}."""
         return self._call(calls.get_adapter(adapter_id))

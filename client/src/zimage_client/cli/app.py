@@ -31,6 +31,7 @@ app.command()(jobs.edit)
 app.command()(batch)
 app.command()(jobs.status)
 app.command()(jobs.cancel)
+app.command()(jobs.models)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(webhooks_app, name="webhooks")
 

@@ -71,11 +71,16 @@ def generate(
     num_images: Count = 1,
     seed: Seed = None,
     steps: Steps = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale (Turbo: 0).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Guidance scale (default: the model's; Turbo 0, Base 4).")
+    ] = None,
     negative: Annotated[str | None, typer.Option(help="Negative prompt (needs guidance > 0).")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Image file format.")] = Format.png,
     priority: Annotated[int | None, typer.Option(help="0-9, higher first.")] = None,
     lora: Lora = None,
+    model: Annotated[
+        str | None, typer.Option(help="z-image-turbo (default) or z-image-base; `zimage models` lists them.")
+    ] = None,
     out_dir: OutDir = Path("."),
     no_wait: NoWait = False,
     timeout: Timeout = None,
@@ -94,9 +99,21 @@ def generate(
         "output_format": fmt.value,
         "priority": priority,
         "loras": parse_loras(lora),
+        "model": model,
     }
     with connection(ctx).client() as client:
         _run(client, request, out_dir, no_wait, timeout)
+
+
+def models(ctx: typer.Context) -> None:
+    """The models this service serves: id, whether a worker is up, default steps and guidance, what it is for."""
+    with connection(ctx).client() as client:
+        for m in client.list_models():
+            defaults = m["defaults"]
+            up = "available" if m["available"] else "no worker up"
+            print(
+                f"{m['id']}\t{up}\t{defaults['steps']} steps\tguidance {defaults['guidance_scale']:g}\t{m['purpose']}"
+            )
 
 
 def _edit_size(width: int, height: int) -> tuple[int, int]:
