@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -288,3 +290,40 @@ def test_batch_events_count_jobs_to_the_end(stack: Stack, new_key) -> None:  # t
         assert done == sorted(done) and got[-1]["data"]["status"] == "completed" and done[-1] == 6
         with api.stream("GET", f"/v1/batches/{batch['id']}/events", headers={"Last-Event-ID": got[-1]["id"]}) as again:
             assert [e for e in _sse(again.iter_lines()) if "event" in e] == []  # nothing newer: it just ends
+
+
+def test_adapters_through_the_api_equal_diffusers_and_leave_no_state(
+    stack: Stack,
+    new_key,
+    tiny_adapters: dict[str, Path],
+    tiny_turbo_dir: Path,
+    reference: ZImagePipeline,  # type: ignore[no-untyped-def]
+) -> None:
+    """An outside client's view: hostile and mismatched files refused, an adapter image equal to diffusers' own
+    load_lora_weights + set_adapters call, and a bare job after adapter jobs equal to the bare model's image."""
+    from zimage_client import Client, UnsupportedMediaType, ValidationError
+
+    with Client(stack.api_url, new_key()) as client:
+        with pytest.raises(UnsupportedMediaType):
+            client.create_adapter(pickle.dumps({"transformer.layers.0.attention.to_q.lora_A.weight": [0.0]}))
+        cut = tiny_adapters["a"].read_bytes()[:-100]
+        with pytest.raises(ValidationError, match="cut short"):
+            client.create_adapter(cut)
+        adapter = client.create_adapter(tiny_adapters["a"], name="style-a")
+        base = {"prompt": "a red fox in fresh snow", "width": 256, "height": 256, "seed": 4321}
+        styled = {**base, "loras": [{"adapter_id": adapter["id"], "scale": 0.8}]}
+        jobs = [client.submit(request) for request in (base, styled, styled, base)]
+        done = [client.wait(job["id"], timeout=400) for job in jobs]
+        assert [job["status"] for job in done] == ["succeeded"] * 4
+        got = [np.asarray(Image.open(io.BytesIO(client.read_output(job["outputs"][0]))).convert("RGB"), dtype=np.int16)
+               for job in done]  # fmt: skip
+
+    pipe = ZImagePipeline.from_pretrained(tiny_turbo_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tiny_adapters["a"]), adapter_name="a")
+    pipe.set_adapters(["a"], [0.8])
+    with_adapter = _direct(pipe, base["prompt"], 256, 256, 4321)
+    bare = _direct(reference, base["prompt"], 256, 256, 4321)
+    assert np.abs(got[1] - with_adapter).max() <= 2 and np.abs(got[2] - with_adapter).max() <= 2
+    assert np.abs(got[0] - bare).max() <= 2 and np.abs(got[3] - bare).max() <= 2
+    assert np.abs(with_adapter - bare).max() > 20  # the comparison can tell them apart
