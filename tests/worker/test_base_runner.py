@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ def ctx(settings: Settings, tiny_base_dir: Path) -> Iterator[WorkerContext]:
                 "drain_s": 5.0,
                 "base_model": str(tiny_base_dir),
                 "batch_wait_ms": 0,
+                "worker_heartbeat_s": 0.2,
             }
         ),
         ("base", "generate"),
@@ -111,6 +113,23 @@ def test_the_worker_loads_each_model_once_sharing_components(ctx: WorkerContext)
     assert base.pipe.text_encoder is turbo.pipe.text_encoder and base.pipe.vae is turbo.pipe.vae
     assert base.encoder is turbo.encoder
     assert [cache.max_bytes for cache in process.cache_stats(ctx)] == [ctx.settings.embedding_cache_bytes]
+
+
+def test_the_worker_beats_while_idle(ctx: WorkerContext, db: Engine) -> None:
+    # GET /v1/models reads a model as available while a ready worker of its queue was seen lately.
+    with db.begin() as conn:
+        conn.execute(
+            text("UPDATE workers SET last_seen_at = now() - interval '1 hour' WHERE id = :id"), {"id": ctx.worker_id}
+        )
+    time.sleep(1.0)
+    with db.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT ready, queues, now() - last_seen_at < interval '5 seconds' AS fresh FROM workers WHERE id = :id"
+            ),
+            {"id": ctx.worker_id},
+        ).one()
+    assert (row.ready, row.queues, row.fresh) == (True, "base,generate", True)
 
 
 def test_each_job_runs_on_its_model_and_equals_its_direct_call(
