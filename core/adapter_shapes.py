@@ -11,9 +11,10 @@ import json
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.settings import Settings
+if TYPE_CHECKING:  # pure otherwise: the GPU benchmark imports this module on a host without the service's packages
+    from core.settings import Settings
 
 ADALN_EMBED_DIM = 256  # diffusers' ADALN_EMBED_DIM
 TIMESTEP_FREQUENCIES = 256  # TimestepEmbedder's frequency_embedding_size

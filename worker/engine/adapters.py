@@ -29,7 +29,6 @@ import torch
 
 # The defining module, not `from diffusers import ...`: type checkers resolve the top-level name to a dummy.
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load as load_safetensors
 
 from core.errors import InvalidInput
@@ -83,7 +82,7 @@ class AdapterSlots:
         self.max_bytes = max_bytes
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes in the transformer, oldest use first
         self._active: tuple[tuple[str, float], ...] = ()
-        self._layers: list[BaseTunerLayer] = []  # the transformer's LoRA-wrapped layers, listed after each load
+        self._layers: list[Any] = []  # the transformer's LoRA-wrapped layers (peft BaseTunerLayer), after each load
         self._lock = threading.Lock()
         self.loads = 0  # adapters loaded into the transformer (a miss)
         self.evictions = 0
@@ -124,7 +123,7 @@ class AdapterSlots:
                     layer.enable_adapters(True)
                 layer.set_adapter(names)
                 for name, scale in key:
-                    layer.set_scale(name, scale)  # type: ignore[attr-defined]
+                    layer.set_scale(name, scale)
             self._active = key
             self.switches += 1
             self.switch_seconds += time.perf_counter() - started
@@ -173,6 +172,10 @@ class AdapterSlots:
 
     def _list_layers(self) -> None:
         """List the wrapped layers again (a load can wrap new ones; an eviction can unwrap some)."""
+        # Imported here: peft is needed once an adapter is loaded, not to run the bare engine (a GPU host
+        # benchmarking the bare model may not have it).
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self._layers = [m for m in self.pipe.transformer.modules() if isinstance(m, BaseTunerLayer)]
 
     def _evict(self, name: str) -> None:
