@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,13 @@ from PIL import Image
 from sqlalchemy import Engine, insert, text
 
 from core import ids, storage
-from core.ids import tenant_id as new_tenant_id
 from core.models import adapters as adapters_table
 from core.models import jobs as jobs_table
-from core.models import tenants
 from core.schemas import JobRequest, LoraRef
 from core.settings import Settings
 from core.submission import build_job_row
 from tests.fixtures.services import clear_jobs
+from tests.helpers.worker import add_tenant, in_process_worker
 from worker import process
 from worker.adapters import AdapterStore
 from worker.engine import Engine as InferenceEngine
@@ -35,21 +33,12 @@ from worker.runner import run_queue
 
 @pytest.fixture(scope="module")
 def ctx(settings: Settings) -> Iterator[WorkerContext]:
-    context = process.build_context(
-        settings.model_copy(update={"redis_prefix": f"lora-{secrets.token_hex(3)}:", "drain_s": 30.0}),
-        ("generate",),
-        run_sweeper=False,
-    )
-    yield context
-    process.close_context()
+    yield from in_process_worker(settings, ("generate",), "lora", drain_s=30.0)
 
 
 @pytest.fixture
 def tenant(db: Engine) -> str:
-    tid = new_tenant_id()
-    with db.begin() as conn:
-        conn.execute(insert(tenants).values(id=tid, name=f"lora-{tid}"))
-    return tid
+    return add_tenant(db, "lora")
 
 
 @pytest.fixture(autouse=True)
@@ -142,9 +131,7 @@ def test_a_deleted_or_corrupted_adapter_fails_its_job_and_not_its_neighbours(
 def test_another_tenants_adapter_is_not_applied(
     ctx: WorkerContext, db: Engine, tenant: str, tiny_adapters: dict[str, Path]
 ) -> None:
-    other = new_tenant_id()
-    with db.begin() as conn:
-        conn.execute(insert(tenants).values(id=other, name=f"lora-{other}"))
+    other = add_tenant(db, "lora")
     theirs = add_adapter(ctx, other, tiny_adapters["b"])
     job = add_job(db, tenant, [(theirs, 1.0)])  # the API refuses this; the worker must not trust that alone
     run_queue(ctx, "generate")

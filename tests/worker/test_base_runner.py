@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +18,14 @@ from PIL import Image
 from sqlalchemy import Engine, insert, text
 
 from core import catalog, ids, storage
-from core.ids import tenant_id as new_tenant_id
 from core.models import adapters as adapters_table
 from core.models import jobs as jobs_table
-from core.models import tenants
 from core.schemas import JobRequest
 from core.settings import Settings
 from core.submission import build_job_row
 from tests.fixtures.services import clear_jobs
 from tests.helpers.engine import TOLERANCE, diff
+from tests.helpers.worker import add_tenant, in_process_worker
 from worker import process
 from worker.process import WorkerContext
 from worker.runner import run_queue
@@ -36,21 +34,10 @@ from worker.runner import run_queue
 @pytest.fixture(scope="module")
 def ctx(settings: Settings, tiny_base_dir: Path) -> Iterator[WorkerContext]:
     """A worker consuming generate and base (the sweeper off), on its own Redis prefix."""
-    context = process.build_context(
-        settings.model_copy(
-            update={
-                "redis_prefix": f"base-runner-{secrets.token_hex(3)}:",
-                "drain_s": 5.0,
-                "base_model": str(tiny_base_dir),
-                "batch_wait_ms": 0,
-                "worker_heartbeat_s": 0.2,
-            }
-        ),
-        ("base", "generate"),
-        run_sweeper=False,
-    )
-    yield context
-    process.close_context()
+    yield from in_process_worker(
+        settings, ("base", "generate"), "base-runner",
+        drain_s=5.0, base_model=str(tiny_base_dir), batch_wait_ms=0, worker_heartbeat_s=0.2,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +53,7 @@ def direct(tiny_turbo_dir: Path, tiny_base_dir: Path) -> dict[str, ZImagePipelin
 
 @pytest.fixture
 def tenant(db: Engine) -> str:
-    tid = new_tenant_id()
-    with db.begin() as conn:
-        conn.execute(insert(tenants).values(id=tid, name=f"base-runner-{tid}"))
-    return tid
+    return add_tenant(db, "base-runner")
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ cancel mid-batch, refused input, fencing of a stale worker, overlap of batches a
 from __future__ import annotations
 
 import io
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -17,14 +16,14 @@ from PIL import Image
 from sqlalchemy import Engine, insert, text
 
 from core import ids, lifecycle, storage
-from core.ids import tenant_id as new_tenant_id
 from core.models import jobs as jobs_table
-from core.models import tenants, uploads
+from core.models import uploads
 from core.schemas import JobRequest
 from core.settings import Settings
 from core.status import ErrorCode
 from core.submission import build_job_row
 from tests.fixtures.services import clear_jobs
+from tests.helpers.worker import add_tenant, in_process_worker
 from worker import process
 from worker.process import WorkerContext
 from worker.results import Recorder
@@ -34,24 +33,13 @@ from worker.runner import run_queue
 @pytest.fixture(scope="module")
 def ctx(settings: Settings) -> Iterator[WorkerContext]:
     """A worker context in this process (the sweeper off), on its own Redis prefix."""
-    context = process.build_context(
-        settings.model_copy(
-            update={"redis_prefix": f"runner-{secrets.token_hex(3)}:", "drain_s": 30.0, "max_batch_images": 4}
-        ),
-        ("generate",),
-        run_sweeper=False,
-    )
-    yield context
-    process.close_context()
+    yield from in_process_worker(settings, ("generate",), "runner", drain_s=30.0, max_batch_images=4)
 
 
 @pytest.fixture
 def tenant(db: Engine) -> str:
     """A fresh tenant id (jobs are inserted straight into Postgres)."""
-    tid = new_tenant_id()
-    with db.begin() as conn:
-        conn.execute(insert(tenants).values(id=tid, name=f"runner-{tid}"))
-    return tid
+    return add_tenant(db, "runner")
 
 
 @pytest.fixture(autouse=True)
