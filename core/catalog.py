@@ -21,6 +21,10 @@ TURBO = "z-image-turbo"
 BASE = "z-image-base"
 EDIT = "z-image-edit"
 
+# A job's "acceleration": "none" runs the exact model; "cache" is fast mode (Cache-DiT with a static step mask,
+# worker/engine/fast.py), offered for text-to-image on the models marked ``fast``.
+ACCELERATIONS = ("none", "cache")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -39,6 +43,7 @@ class ModelSpec:
     max_guidance: float
     negative_prompt: bool  # whether a negative prompt steers it at its default guidance
     loras: bool  # whether jobs for it may name LoRA adapters
+    fast: bool = False  # whether its generate jobs may opt into fast mode ("acceleration": "cache")
 
     @property
     def guidance_range(self) -> tuple[float, float]:
@@ -60,6 +65,7 @@ class ModelSpec:
             },
             "negative_prompt": self.negative_prompt,
             "loras": self.loras,
+            "accelerations": list(ACCELERATIONS) if self.fast else ["none"],
         }
 
 
@@ -80,6 +86,7 @@ MODELS: dict[str, ModelSpec] = {
             max_guidance=20.0,
             negative_prompt=False,  # read only when a job sets guidance_scale > 0
             loras=True,
+            fast=True,
         ),
         ModelSpec(
             name=BASE,
@@ -96,6 +103,7 @@ MODELS: dict[str, ModelSpec] = {
             max_guidance=20.0,
             negative_prompt=True,
             loras=True,
+            fast=True,
         ),
         ModelSpec(
             name=EDIT,
@@ -135,6 +143,17 @@ def weights_of(settings: Any, model: str) -> str | None:
 def served(settings: Any) -> list[ModelSpec]:
     """The models this deployment serves (their weights are named), in table order."""
     return [spec for spec in MODELS.values() if weights_of(settings, spec.name)]
+
+
+def acceleration_problem(spec: ModelSpec, kind: str, acceleration: str) -> str | None:
+    """Why a job cannot run with ``acceleration`` (fast mode is for text to image on the ``fast`` models), or None."""
+    if acceleration == "none":
+        return None
+    if not spec.fast:
+        return f"{spec.name} has no fast mode"
+    if kind != "generate":
+        return "fast mode (acceleration: cache) is for generate jobs only"
+    return None
 
 
 def unserved(settings: Any, model: str | None) -> str | None:

@@ -3,7 +3,7 @@ earlier job of the same tenant that succeeded, without running the model.
 
 Identical means the same reuse key: a hash of the model that would run it (name and revision) and of every
 request field that decides the images (prompt, negative prompt, size, steps, guidance, seed, number of images,
-format and quality, edit mode, strength and inputs, adapters). Priority, metadata and webhooks do not. A job
+format and quality, edit mode, strength and inputs, adapters, fast mode). Priority, metadata and webhooks do not. A job
 without a seed is never reused: its images are meant to be new.
 """
 
@@ -58,6 +58,9 @@ def reuse_key(normalized: Mapping[str, Any], model: str) -> str | None:
     if not normalized.get("reuse") or normalized.get("seed") is None:
         return None
     identity = {name: normalized.get(name) for name in IDENTITY_FIELDS}
+    if normalized.get("acceleration", "none") != "none":
+        # Only when fast: exact jobs (which store none) keep the keys they always had.
+        identity["acceleration"] = normalized["acceleration"]
     canonical = json.dumps({"model": model, **identity}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

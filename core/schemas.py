@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.catalog import MODELS, default_model
+from core.catalog import MODELS, acceleration_problem, default_model
 from core.work import PIXELS_PER_TOKEN
 
 MAX_SEED = 2**63 - 1
@@ -131,6 +131,12 @@ class JobRequest(_Strict):
         description="LoRA adapters of this tenant with their scales, each at most once; generate jobs and "
         "img2img / inpaint edits (not instruct). Stored sorted by adapter_id.",
     )
+    acceleration: Literal["none", "cache"] = Field(
+        "none",
+        description="none: the exact model; cache: fast mode (Cache-DiT reuses the transformer's middle blocks on "
+        "fixed steps; a little detail for speed), generate jobs on z-image-turbo and z-image-base. Never shares a "
+        "batch with exact jobs.",
+    )
     reuse: bool = Field(
         False, description="Return the outputs of an identical earlier succeeded job of this tenant (seed required)."
     )
@@ -167,6 +173,18 @@ class JobRequest(_Strict):
             if lora.adapter_id in seen:
                 raise ValueError(f"adapter {lora.adapter_id} is named twice; give each adapter once")
             seen.add(lora.adapter_id)
+        return v
+
+    @field_validator("acceleration")
+    @classmethod
+    def _acceleration_for_model(cls, v: str, info: ValidationInfo) -> str:
+        kind, mode = info.data.get("kind"), info.data.get("mode")
+        model = info.data.get("model")
+        if kind is None or (model is None and v != "none"):
+            return v  # kind or model itself was refused
+        problem = acceleration_problem(MODELS[model or default_model(kind, mode)], kind, v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("metadata")
@@ -262,6 +280,8 @@ class JobRequest(_Strict):
         # models could be named (idempotency keys and reuse keys of earlier jobs still match).
         if data.get("model") == default_model(self.kind, self.mode):
             data.pop("model")
+        if data.get("acceleration") == "none":
+            data.pop("acceleration")  # likewise: the exact model is what every earlier job ran
         if self.kind == "generate":
             for name in ("mode", "strength", "mask"):
                 data.pop(name, None)

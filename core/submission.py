@@ -22,9 +22,8 @@ def request_hash(normalized: dict[str, Any]) -> str:
 
 
 def group_key(req: JobRequest) -> str:
-    """Jobs with equal keys can share one pipeline call: same model and mode, size, steps, guidance, adapters.
-
-    (Each model has its own queue; a model other than its kind's default is named in the key as well.)"""
+    """Jobs with equal keys can share one pipeline call: same model and mode, size, steps, guidance, adapters,
+    acceleration. (Each model has its own queue; a model other than its kind's default is named in the key as well.)"""
     loras = ",".join(f"{lo.adapter_id}:{lo.scale:g}" for lo in sorted(req.loras, key=lambda lo: lo.adapter_id))
     parts = [
         req.kind,
@@ -38,6 +37,8 @@ def group_key(req: JobRequest) -> str:
     parts.append(loras)
     if req.model is not None and req.model != default_model(req.kind, req.mode):
         parts.append(req.model)
+    if req.acceleration != "none":
+        parts.append(req.acceleration)  # fast and exact jobs never share a batch
     return "|".join(parts)
 
 

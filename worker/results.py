@@ -146,7 +146,13 @@ class Recorder:
                 image,
                 fmt,
                 quality=r["output_quality"],
-                text={"job_id": job.id, "prompt": r["prompt"], "seed": str(seed), "model": self._model_of(r)},
+                text={
+                    "job_id": job.id,
+                    "prompt": r["prompt"],
+                    "seed": str(seed),
+                    "model": self._model_of(r),
+                    "acceleration": r.get("acceleration") or "none",
+                },
             )
             key = storage.result_key(job.tenant_id, job.id, index, EXTENSIONS[fmt])
             sha256 = retrying(

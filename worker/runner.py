@@ -42,6 +42,7 @@ def image_request(job: ClaimedJob, loras: tuple[LoraUse, ...] = ()) -> ImageRequ
         seeds=job.seeds,
         negative_prompt=r.get("negative_prompt"),
         loras=loras,
+        acceleration=r.get("acceleration") or "none",
     )
 
 

@@ -207,7 +207,7 @@ def test_integral_guidance_and_strength_are_numbers() -> None:
     assert req.guidance_scale == 5.0
 
 
-@pytest.mark.parametrize("field", ["prompts", "size", "Width", "acceleration", "user"])
+@pytest.mark.parametrize("field", ["prompts", "size", "Width", "accelerate", "user"])
 def test_unknown_fields_are_refused_by_name(field: str) -> None:
     details = refused(**{field: 1})
     assert details == [{"field": field, "message": "unknown field"}]

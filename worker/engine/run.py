@@ -27,6 +27,7 @@ from worker.engine.adapters import AdapterSlots, LoraUse, lora_key
 from worker.engine.batching import caption_bucket, default_min_call_tokens, distinct, plan_calls
 from worker.engine.decode import decode_latents
 from worker.engine.embeddings import ENCODE_CHUNK, EmbeddingCache, PromptEncoder
+from worker.engine.fast import FastMode
 from worker.engine.oom import check_injected, run_in_halves
 from worker.engine.options import EngineOptions
 from worker.engine.pipelines import load_base, load_turbo
@@ -49,6 +50,7 @@ class ImageRequest:
     seeds: tuple[int, ...]
     negative_prompt: str | None = None
     loras: tuple[LoraUse, ...] = ()  # adapters and scales; none: the bare model
+    acceleration: str = "none"  # "cache": fast mode (worker/engine/fast.py)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class BatchShape:
     steps: int
     guidance_scale: float
     loras: tuple[tuple[str, float], ...] = ()  # the adapter set (names and scales)
+    acceleration: str = "none"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class Engine:
         # Adapters live in the transformer: one set of slots per pipeline, shared with the img2img and inpaint
         # pipelines built on the same modules.
         self.adapters = AdapterSlots(pipe, options.adapter_cache_bytes)
+        # Fast mode: Cache-DiT on this transformer, on only while a fast batch runs.
+        self.fast = FastMode.of(pipe.transformer)
         if encoder is not None and (
             encoder.text_encoder is not pipe.text_encoder or encoder.tokenizer is not pipe.tokenizer
         ):
@@ -245,8 +250,9 @@ class Engine:
             try:
                 # The batch's adapters (loaded once, then a switch of a few attribute writes per layer), or none.
                 self.adapters.activate(prepared.requests[0].loras)
+                fast = prepared.shape.steps if prepared.shape.acceleration == "cache" else None
                 # inference_mode: no version counters or view tracking on any op (2-5% on the tiny CPU model).
-                with torch.inference_mode():
+                with self.fast.active(fast), torch.inference_mode():
                     images, failed = self._run_calls(prepared, prepared.shape, on_step)
             finally:
                 if self._device.type == "cuda":
@@ -304,6 +310,8 @@ class Engine:
         if progress.on_step is not None:
             kwargs["callback_on_step_end"] = progress.callback
         guided = shape.guidance_scale > 0
+        if shape.acceleration == "cache":
+            self.fast.refresh(shape.steps)  # this call's own steps and mask, no residual of an earlier call
         output = self.pipe(
             # Fresh lists each call: the pipeline must never see (or rewrite) a list a retry would reuse.
             prompt=None,
@@ -325,14 +333,15 @@ class Engine:
         """Check the requests can share one call and return what they share."""
 
         def shape_of(r: ImageRequest) -> BatchShape:
-            return BatchShape(r.width, r.height, r.steps, float(r.guidance_scale), lora_key(r.loras))
+            return BatchShape(r.width, r.height, r.steps, float(r.guidance_scale), lora_key(r.loras), r.acceleration)
 
         shape = shape_of(requests[0])
         for request in requests:
             other = shape_of(request)
             if other != shape:
                 raise InvalidInput(
-                    f"requests in one batch must share size, steps, guidance and adapters: {shape} != {other}"
+                    f"requests in one batch must share size, steps, guidance, adapters and acceleration: "
+                    f"{shape} != {other}"
                 )
             if not request.seeds:
                 raise InvalidInput("every request needs at least one seed")
@@ -343,6 +352,8 @@ class Engine:
             )
         if shape.steps < 1:
             raise InvalidInput(f"steps must be at least 1, got {shape.steps}")
+        if shape.acceleration not in ("none", "cache"):
+            raise InvalidInput(f"acceleration must be none or cache, got {shape.acceleration!r}")
         if shape.guidance_scale < 0:
             raise InvalidInput(f"guidance_scale must not be negative, got {shape.guidance_scale}")
         return shape
