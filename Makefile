@@ -50,6 +50,7 @@ bench: install checkpoint  ## CPU benchmark, tiny checkpoint: naive loop vs engi
 	$(PY) -m bench.engine_bench --out bench/results/engine.json
 	$(PY) -m bench.service_bench --out bench/results/service.json
 	$(PY) -m bench.adapter_bench --out bench/results/adapters.json
+	$(PY) -m bench.fast_bench --out bench/results/fast.json
 
 bench-submit: install  ## POST /v1/jobs from 32 connections for 30 s (group commit on and off, rate limit on, a trivial-app reference; needs wrk); a 10 000-job batch
 	command -v wrk >/dev/null || (apt-get install -y -qq wrk >/dev/null)

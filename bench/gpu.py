@@ -29,7 +29,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import Qwen3Config, Qwen3Model
 
-from bench import adapter_bench, report, workloads
+from bench import adapter_bench, fast_bench, report, workloads
 from bench.engine_bench import COLUMNS, FULL, OVERLAP_ONLY, TOGGLES, Plan, Variant, engine_for, measure, run_engine
 from core.adapter_shapes import linear_layers
 from deploy.tiny_adapter import random_lora, save_lora
@@ -231,6 +231,29 @@ def adapter_rows(
     return rows, {**figures, "rank": rank, "size": scale.large, "jobs": jobs}
 
 
+def fast_rows(
+    pipe: ZImagePipeline, scale: Scale, log: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Exact and fast (Cache-DiT, static mask) rows: Turbo's schedule at the large and small sizes, Base's (CFG,
+    28 steps) at the large size; s/image and the share of block calls skipped (``bench.fast_bench``). Without
+    cache-dit on this host: no rows and a note."""
+    from worker.engine.fast import available
+
+    if not available():
+        return [], "fast rows skipped: cache-dit is not installed here (pip install cache-dit==1.5.3)"
+    full = scale is FULL_SCALE
+    rows = fast_bench.measure(
+        engine_for(pipe, FULL),
+        [
+            fast_bench.Workload(f"{scale.large}² turbo", scale.large, 8, 0.0, 4 if full else 2),
+            fast_bench.Workload(f"{scale.small}² turbo", scale.small, 8, 0.0, 8 if full else 2),
+            fast_bench.Workload(f"{scale.large}² base cfg", scale.large, 28, 4.0, 2 if full else 1),
+        ],
+        log,
+    )
+    return rows, None
+
+
 def goals(rows: list[dict[str, Any]], scale: Scale) -> dict[str, Any]:
     """The issue's GPU goals against the measured rows (meaningful at full size on an H100)."""
 
@@ -274,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0, help="measuring time: a workload past its share stops")
     parser.add_argument("--no-compile", action="store_true", help="skip the engine + torch.compile row")
     parser.add_argument("--no-adapters", action="store_true", help="skip the mixed adapter queue rows")
+    parser.add_argument("--no-fast", action="store_true", help="skip the fast-mode and Base rows")
     args = parser.parse_args(argv)
     started = time.monotonic()
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -335,12 +359,22 @@ def main(argv: list[str] | None = None) -> int:
             adapter_table, switch = adapter_rows(pipe, scale, args.out.parent / "gpu-adapters", log)
         except Exception as exc:  # a row of its own: its failure must not lose the measured rows
             notes.append(f"adapter rows failed: {type(exc).__name__}: {exc}")
+    fast_table: list[dict[str, Any]] = []
+    if not args.no_fast:
+        try:
+            fast_table, skipped = fast_rows(pipe, scale, log)
+            if skipped:
+                notes.append(skipped)
+        except Exception as exc:  # a row of its own: its failure must not lose the measured rows
+            notes.append(f"fast rows failed: {type(exc).__name__}: {exc}")
     elapsed = time.monotonic() - started
     measured_goals = goals(rows, scale)
     print(report.table(rows, GPU_COLUMNS))
     if adapter_table:
         print(report.table(adapter_table, adapter_bench.COLUMNS))
         print(f"adapters: {switch}")
+    if fast_table:
+        print(report.table(fast_table, fast_bench.COLUMNS))
     for note in notes:
         print(f"note: {note}")
     print(f"goals: {measured_goals}; {elapsed:.0f} s in all (build {build_s:.0f} s)")
@@ -356,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"token_budget": args.token_budget, "max_images": args.max_images, "steps": workloads.STEPS},
             "rows": rows,
             "adapters": {"rows": adapter_table, "switch": switch},
+            "fast": {"rows": fast_table},
             "notes": notes,
             "goals": measured_goals,
             "seconds": round(elapsed, 1),

@@ -51,6 +51,12 @@ def test_tiny_run_writes_every_row(tmp_path: Path) -> None:
     assert len(adapters["rows"]) == 3 and all(row["seconds"] > 0 for row in adapters["rows"])
     assert adapters["rows"][2]["adapter loads"] == 0 and adapters["rows"][2]["switches"] == 3
     assert adapters["switch"]["switch_ms"] > 0 and adapters["switch"]["rank"] == 4
+    # Fast mode: exact and fast rows for Turbo at both sizes and Base (CFG, 28 steps) at the large one.
+    fast = results["fast"]["rows"]
+    assert [(row["workload"], row["variant"]) for row in fast][::2] == [
+        ("256² turbo", "exact"), ("128² turbo", "exact"), ("256² base cfg", "exact")
+    ]  # fmt: skip
+    assert all(row["s/image"] > 0 for row in fast) and all(row["blocks skipped"] > 0 for row in fast[1::2])
 
 
 def test_the_benches_import_on_a_bare_gpu_host() -> None:
@@ -58,7 +64,7 @@ def test_the_benches_import_on_a_bare_gpu_host() -> None:
     code = (
         "import sys\n"
         "for name in ['celery', 'kombu', 'redis', 'sqlalchemy', 'pydantic', 'pydantic_settings', 'boto3',\n"
-        "             'botocore', 'fastapi', 'starlette', 'psycopg', 'api', 'peft']:\n"
+        "             'botocore', 'fastapi', 'starlette', 'psycopg', 'api', 'peft', 'cache_dit']:\n"
         "    sys.modules[name] = None\n"
         "import bench.gpu, bench.engine_bench\n"
         # The repository travels with the benches: its pure core modules (errors, status, work) may load.
