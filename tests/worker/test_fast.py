@@ -100,3 +100,31 @@ def test_fast_and_exact_requests_do_not_share_a_call(engine: Engine) -> None:
 
     with pytest.raises(InvalidInput, match="acceleration"):
         engine.prepare([fast(steps=8), request(steps=8)])
+
+
+def test_base_runs_fast_with_cfg_beside_turbo(engine: Engine, tiny_base_dir: Path, blocks: list[list[int]]) -> None:
+    # A second transformer in the process (Base's, holding Turbo's text encoder): its own cache, one forward per
+    # step for the doubled CFG batch, and its images independent of their batch like Turbo's.
+    base = Engine.base_from_pretrained(str(tiny_base_dir), engine.options, turbo=engine)
+    run(engine, fast(steps=8))  # Turbo's cache installed first
+    steps = 12
+
+    def cfg(prompt: str, seeds: tuple[int, ...], negative: str = "blurry") -> ImageRequest:
+        return request(prompt, seeds, steps=steps, guidance_scale=4.0, negative_prompt=negative, acceleration="cache")
+
+    (alone,) = run(base, cfg(EN_SHORT, (8,)))
+    blocks.clear()  # counts Turbo's blocks only: Base's must not touch them
+    batch = run(base, cfg(ZH, (1,), ""), cfg(EN_SHORT, (8,)))
+    assert blocks == [] and base.fast is not engine.fast and base.fast.installed
+    assert diff(batch[1][0], alone[0]) <= TOLERANCE
+    (exact,) = run(base, request(EN_SHORT, (8,), steps=steps, guidance_scale=4.0, negative_prompt="blurry"))
+    assert diff(exact[0], alone[0]) > TOLERANCE
+    layers = len(base.pipe.transformer.layers)
+    counted: list[int] = []
+    handles = [b.register_forward_hook(lambda *_: counted.append(1)) for b in base.pipe.transformer.layers]
+    try:
+        run(base, cfg(EN_SHORT, (8,)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(counted) == sum(layers if m else FN_BLOCKS for m in fast_mask(steps))
