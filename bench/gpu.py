@@ -31,7 +31,7 @@ from transformers import Qwen3Config, Qwen3Model
 
 from bench import adapter_bench, fast_bench, report, workloads
 from bench.engine_bench import COLUMNS, FULL, OVERLAP_ONLY, TOGGLES, Plan, Variant, engine_for, measure, run_engine
-from core.adapter_shapes import linear_layers
+from core.adapter_shapes import ZIMAGE_TRANSFORMER, linear_layers
 from deploy.tiny_adapter import random_lora, save_lora
 from deploy.tiny_checkpoint import build_tokenizer
 from worker.engine.batching import DEFAULT_MAX_IMAGES, DEFAULT_TOKEN_BUDGET
@@ -42,17 +42,9 @@ GPU_COLUMNS = (*COLUMNS, "peak GiB")
 
 # The published Z-Image-Turbo configuration (docs/performance.md): 6.15 B, 4.02 B and 84 M parameters.
 FULL_TRANSFORMER: dict[str, Any] = {
-    "all_patch_size": (2,),
-    "all_f_patch_size": (1,),
-    "in_channels": 16,
-    "dim": 3840,
-    "n_layers": 30,
-    "n_refiner_layers": 2,
-    "n_heads": 30,
-    "n_kv_heads": 30,
+    **ZIMAGE_TRANSFORMER,  # patch sizes, channels, dim, layers, heads, caption features: the layer table's shape
     "norm_eps": 1e-5,
     "qk_norm": True,
-    "cap_feat_dim": 2560,
     "rope_theta": 256.0,
     "t_scale": 1000.0,
     "axes_dims": [32, 48, 48],
