@@ -10,6 +10,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from PIL import Image
 
 from core.errors import OutOfMemory
+from core.schemas import JobRequest
 from worker.engine import ImageRequest
 
 TOLERANCE = 2  # max abs difference on uint8 pixels: 2/255
@@ -38,8 +39,8 @@ def request(prompt: str = EN_SHORT, seeds: tuple[int, ...] = (0,), **overrides: 
     return ImageRequest(prompt=prompt, seeds=seeds, **fields)
 
 
-def single(pipe: ZImagePipeline, req: ImageRequest, seed: int) -> Image.Image:
-    """The plain one-image call a user would write for this request and seed."""
+def single(pipe: ZImagePipeline, req: ImageRequest | JobRequest, seed: int) -> Image.Image:
+    """The plain one-image call a user would write for this request (engine or job request) and seed."""
     return pipe(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,

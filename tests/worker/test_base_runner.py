@@ -24,7 +24,7 @@ from core.schemas import JobRequest
 from core.settings import Settings
 from core.submission import build_job_row
 from tests.fixtures.services import clear_jobs
-from tests.helpers.engine import TOLERANCE, diff
+from tests.helpers.engine import TOLERANCE, diff, single
 from tests.helpers.worker import add_tenant, in_process_worker
 from worker import process
 from worker.process import WorkerContext
@@ -79,18 +79,6 @@ def outputs(ctx: WorkerContext, db: Engine, job_id: str) -> list[Image.Image]:
     ]
 
 
-def direct_call(pipe: ZImagePipeline, req: JobRequest, seed: int) -> Image.Image:
-    return pipe(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        width=req.width,
-        height=req.height,
-        num_inference_steps=req.steps,
-        guidance_scale=req.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(seed),
-    ).images[0]
-
-
 def test_the_worker_loads_each_model_once_sharing_components(ctx: WorkerContext) -> None:
     turbo, base = ctx.engines[catalog.TURBO], ctx.engines[catalog.BASE]
     assert ctx.engine is turbo
@@ -133,7 +121,7 @@ def test_each_job_runs_on_its_model_and_equals_its_direct_call(
         assert len(images) == req.num_images
         for i, image in enumerate(images):
             assert req.seed is not None
-            assert diff(image, direct_call(direct[model], req, req.seed + i)) <= TOLERANCE, (model, req.prompt)
+            assert diff(image, single(direct[model], req, req.seed + i)) <= TOLERANCE, (model, req.prompt)
     # Base is not Turbo: the same prompt and seed give another image.
     assert diff(outputs(ctx, db, base_a[0])[0], outputs(ctx, db, turbo[0])[0]) > 4 * TOLERANCE
 
