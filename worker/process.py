@@ -198,7 +198,7 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
             db_retry_s=settings.db_retry_s,
             storage_retry_s=settings.storage_retry_s,
             model_id=engine.model_id,
-            model_ids=tuple((name, loaded.model_id) for name, loaded in engines.items()),
+            model_ids={name: loaded.model_id for name, loaded in engines.items()},
             redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
             redis_prefix=settings.redis_prefix,
             log_prompts=settings.log_prompts,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ class Recorder:
     redis_prefix: str = ""
     log_prompts: bool = False  # whether a job's log lines may carry its prompt
     # The weights of each model a job may name (core.catalog), for its images' metadata; model_id otherwise.
-    model_ids: tuple[tuple[str, str], ...] = ()
+    model_ids: Mapping[str, str] = field(default_factory=dict)
 
     def log_context(self, job: ClaimedJob) -> AbstractContextManager[None]:
         """Lines logged in the block are about ``job``: its id, batch, tenant and attempt."""
@@ -133,7 +133,7 @@ class Recorder:
 
     def _model_of(self, request: dict[str, Any]) -> str:
         """The weights that ran a job: its named model's, else the worker's default."""
-        return dict(self.model_ids).get(request.get("model") or "", self.model_id)
+        return self.model_ids.get(request.get("model") or "", self.model_id)
 
     def _upload(self, job: ClaimedJob, images: Sequence[Image.Image]) -> tuple[list[dict[str, Any]], int]:
         started = time.perf_counter()
