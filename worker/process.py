@@ -153,7 +153,7 @@ def load_engines(
     if turbo is not None:
         # img2img and inpaint reuse the Turbo modules; instruct loads the Edit checkpoint when this worker serves it.
         edit_model = settings.edit_model if "edit" in queues else None
-        edit_engine = EditEngine(turbo.pipe, edit_model=edit_model, options=options, adapters=turbo.adapters)
+        edit_engine = EditEngine(turbo.pipe, edit_model=edit_model, options=options)
     return engines, edit_engine
 
 

@@ -108,7 +108,8 @@ def test_the_slots_evict_the_least_recently_used_adapter_within_their_budget(
 def test_img2img_runs_with_the_batch_adapters_and_instruct_refuses_them(
     engine: Engine, adapters: dict[str, Adapter], tiny_adapters: dict[str, Path], tiny_turbo_dir: Path
 ) -> None:
-    edit = EditEngine(engine.pipe, options=engine.options, adapters=engine.adapters)
+    edit = EditEngine(engine.pipe, options=engine.options)
+    assert edit.adapters is engine.adapters  # one set of slots per transformer
     picture = Image.new("RGB", (SIZE, SIZE), (180, 60, 30))
     base = EditRequest("img2img", EN_SHORT, (picture,), None, SIZE, SIZE, 4, 0.0, 0.75, (5,))
     [bare] = images_of(edit.edit([base])[0])

@@ -20,6 +20,7 @@ import json
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -75,10 +76,19 @@ def lora_key(uses: Sequence[LoraUse]) -> tuple[tuple[str, float], ...]:
 
 
 class AdapterSlots:
-    """The adapters loaded into one pipeline's transformer: an LRU bounded in (accelerator) bytes."""
+    """The adapters loaded into one transformer: an LRU bounded in (accelerator) bytes. One per transformer
+    (``of``): every pipeline built on it (generate, img2img, inpaint) must see the same loaded and active set."""
 
-    def __init__(self, pipe: ZImagePipeline, max_bytes: int) -> None:
-        self.pipe = pipe
+    @classmethod
+    def of(cls, transformer: torch.nn.Module, max_bytes: int) -> AdapterSlots:
+        """The transformer's slots, made at its first use with ``max_bytes``."""
+        slots = _PER_TRANSFORMER.get(transformer)
+        if slots is None:
+            slots = _PER_TRANSFORMER[transformer] = cls(transformer, max_bytes)
+        return slots
+
+    def __init__(self, transformer: torch.nn.Module, max_bytes: int) -> None:
+        self.transformer: Any = transformer  # a diffusers model with peft's adapter methods
         self.max_bytes = max_bytes
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes in the transformer, oldest use first
         self._active: tuple[tuple[str, float], ...] = ()
@@ -145,7 +155,7 @@ class AdapterSlots:
         return done
 
     def _size(self, adapter: Adapter) -> int:
-        return adapter.parameters() * self.pipe.transformer.dtype.itemsize
+        return adapter.parameters() * self.transformer.dtype.itemsize
 
     def _ensure(self, adapter: Adapter, *, keep: set[str]) -> None:
         """Load ``adapter`` unless it is loaded, evicting least recently used ones (never those in ``keep``)."""
@@ -163,7 +173,7 @@ class AdapterSlots:
         # lora_alpha) as load_lora_weights reads it from a file.
         state = ZImagePipeline.lora_state_dict(dict(adapter.state))
         ZImagePipeline.load_lora_into_transformer(
-            state, transformer=self.pipe.transformer, adapter_name=adapter.name, metadata=adapter.metadata
+            state, transformer=self.transformer, adapter_name=adapter.name, metadata=adapter.metadata
         )
         self._loaded[adapter.name] = size
         self._list_layers()
@@ -176,14 +186,17 @@ class AdapterSlots:
         # benchmarking the bare model may not have it).
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self._layers = [m for m in self.pipe.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        self._layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
 
     def _evict(self, name: str) -> None:
-        self.pipe.transformer.delete_adapters(name)
+        self.transformer.delete_adapters(name)
         del self._loaded[name]
         self._list_layers()
         self.evictions += 1
         self._active = (("?", -1.0),)
+
+
+_PER_TRANSFORMER: weakref.WeakKeyDictionary[torch.nn.Module, AdapterSlots] = weakref.WeakKeyDictionary()
 
 
 def _file_metadata(data: bytes) -> dict[str, Any] | None:

@@ -90,11 +90,9 @@ class EditEngine:
         *,
         edit_model: str | None = None,
         options: EngineOptions | None = None,
-        adapters: AdapterSlots | None = None,
     ) -> None:
         """Edit with ``turbo_pipe``'s modules and/or the edit checkpoint ``edit_model``, placed as ``options`` say
-        (the options the Turbo pipeline was loaded with). ``adapters``: the slots of the Turbo transformer (the
-        generate engine's, so both know what is loaded in it)."""
+        (the options the Turbo pipeline was loaded with)."""
         if turbo_pipe is None and not edit_model:
             raise ValueError("an EditEngine needs the Turbo pipeline, an edit model, or both")
         self.options = options or EngineOptions()
@@ -102,9 +100,10 @@ class EditEngine:
         self.device = self.options.torch_device
         self.dtype = self.options.torch_dtype
         self.edit_model = edit_model
-        self.adapters = adapters
-        if turbo_pipe is not None and adapters is None:
-            self.adapters = AdapterSlots(turbo_pipe, self.options.adapter_cache_bytes)
+        # The Turbo transformer's adapter slots: the generate engine's own, so both see what is loaded in it.
+        self.adapters: AdapterSlots | None = None
+        if turbo_pipe is not None:
+            self.adapters = AdapterSlots.of(turbo_pipe.transformer, self.options.adapter_cache_bytes)
         self.img2img: ZImageImg2ImgPipeline | None = None
         self.inpaint: ZImageInpaintPipeline | None = None
         if turbo_pipe is not None:

@@ -125,9 +125,9 @@ class Engine:
         if embedding_cache is None and options.embedding_cache_bytes > 0:
             embedding_cache = EmbeddingCache(options.embedding_cache_bytes)
         self.embedding_cache = embedding_cache
-        # Adapters live in the transformer: one set of slots per pipeline, shared with the img2img and inpaint
+        # Adapters live in the transformer: one set of slots per transformer, shared with the img2img and inpaint
         # pipelines built on the same modules.
-        self.adapters = AdapterSlots(pipe, options.adapter_cache_bytes)
+        self.adapters = AdapterSlots.of(pipe.transformer, options.adapter_cache_bytes)
         # Fast mode: Cache-DiT on this transformer, on only while a fast batch runs.
         self.fast = FastMode.of(pipe.transformer)
         if encoder is not None and (
