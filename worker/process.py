@@ -180,7 +180,10 @@ def build_context(settings: Settings, queues: tuple[str, ...], *, run_sweeper: b
         db_retry_s=settings.db_retry_s,
         storage_retry_s=settings.storage_retry_s,
     )
-    rewarm_adapters(engine, adapter_store, queues, settings.adapter_prewarm)
+    for name, loaded in engines.items():  # each model's adapters into its own transformer, from its own queue
+        queue = catalog.MODELS[name].queue
+        if queue in queues:
+            rewarm_adapters(loaded, adapter_store, (queue,), settings.adapter_prewarm)
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     logs.set_process_fields(worker=worker_id)
     ctx = WorkerContext(
