@@ -7,12 +7,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, tuple_
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.cursors import cursor_pattern, decode_cursor, encode_cursor
 from api.resources import Resources
-from core import errors, events, logs, metrics
+from core import errors, events, logs, metrics, queue_counts
 from core.job_object import job_object
 from core.models import jobs
 from core.status import JobStatus, is_terminal
@@ -37,13 +37,40 @@ def log_job(res: Resources, row: Any) -> None:
     )
 
 
+# A queued job's place, read from the counters the jobs table's triggers keep (queue_counts) plus a count of the
+# jobs of its own priority behind it, up to _BEHIND_CAP: O(1) for a job near the tail of a deep queue (one just
+# submitted, the one a client polls), where counting those ahead would scan the whole queue.
+_BEHIND_CAP = 1000
+_PLACE = text(
+    f"""
+SELECT
+  {queue_counts.AT_OR_ABOVE.format(tenant=":tenant", queue=":queue", priority=":priority")} AS at_or_above,
+  (SELECT count(*) FROM (
+     SELECT 1 FROM jobs
+     WHERE status = 'queued' AND tenant_id = :tenant AND queue = :queue AND priority = :priority
+       AND (created_at, id) >= (:created_at, :id)
+     LIMIT :cap) behind) AS behind
+"""
+)
+# Deep inside a long queue: count those ahead of it instead (bounded by the queue's length, as it always was).
+_AHEAD = text(
+    f"""
+SELECT
+  {queue_counts.AT_OR_ABOVE.format(tenant=":tenant", queue=":queue", priority=":priority + 1")}
+  + (SELECT count(*) FROM jobs
+     WHERE status = 'queued' AND tenant_id = :tenant AND queue = :queue AND priority = :priority
+       AND (created_at, id) < (:created_at, :id))
+"""
+)
+
+
 async def queue_positions(conn: AsyncConnection, rows: Sequence[Any]) -> dict[str, int]:
     """How many of the tenant's own queued jobs of the same queue run before each queued row (0: next of its).
 
     Claims share the accelerators between tenants by virtual time (``core.fair_share``) and order each tenant's
     jobs by priority then age, so a job's place is exact among its tenant's jobs; other tenants' work is
-    interleaved fairly, not ahead of it. One count per (tenant, queue, priority) among ``rows``: the first row
-    of each is counted against the table, and its later rows follow it one by one. So rows of one (tenant,
+    interleaved fairly, not ahead of it. One read per (tenant, queue, priority) among ``rows``: the first row
+    of each is placed against the table, and its later rows follow it one by one. So rows of one (tenant,
     queue, priority) must be neighbours in that order, as a group commit's rows are (inserted together); rows
     read one by one are passed one at a time.
     """
@@ -55,23 +82,15 @@ async def queue_positions(conn: AsyncConnection, rows: Sequence[Any]) -> dict[st
         key = (r["tenant_id"], r["queue"], r["priority"])
         if key in base:
             continue
-        ahead = (
-            select(func.count())
-            .select_from(jobs)
-            .where(
-                jobs.c.status == JobStatus.QUEUED.value,
-                jobs.c.tenant_id == r["tenant_id"],
-                jobs.c.queue == r["queue"],
-                or_(
-                    jobs.c.priority > r["priority"],
-                    and_(
-                        jobs.c.priority == r["priority"],
-                        tuple_(jobs.c.created_at, jobs.c.id) < tuple_(r["created_at"], r["id"]),
-                    ),
-                ),
-            )
-        )
-        base[key] = int(await conn.scalar(ahead) or 0)
+        params = {
+            "tenant": r["tenant_id"], "queue": r["queue"], "priority": r["priority"],
+            "created_at": r["created_at"], "id": r["id"], "cap": _BEHIND_CAP,
+        }  # fmt: skip
+        place = (await conn.execute(_PLACE, params)).one()
+        if place.behind < _BEHIND_CAP:  # the row itself is among those counted behind (it is queued)
+            base[key] = max(0, place.at_or_above - place.behind)
+        else:
+            base[key] = int(await conn.scalar(_AHEAD, params) or 0)
     seen: Counter[tuple[str, str, int]] = Counter()
     positions = {}
     for r in order:

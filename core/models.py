@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     SmallInteger,
@@ -86,6 +87,23 @@ class TenantUsage(Base):
     open_at_check: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     submitted_at_check: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class QueueCount(Base):
+    """A change to a tenant's queued jobs in one queue at one priority, appended by triggers on ``jobs``
+    (migration 0008) in the transaction that made it: the key's count is the sum of its rows, which the sweeper
+    folds into one now and then (``core.queue_counts``). A submit reads its queue position here instead of
+    counting the queue."""
+
+    __tablename__ = "queue_counts"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    queue: Mapped[str] = mapped_column(String(32), nullable=False)
+    priority: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    queued: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    __table_args__ = (Index("ix_queue_counts_key", "tenant_id", "queue", "priority"),)
 
 
 class ApiKey(Base):
@@ -352,6 +370,7 @@ jobs = cast(Table, Job.__table__)
 tenants = cast(Table, Tenant.__table__)
 api_keys = cast(Table, ApiKey.__table__)
 tenant_usage = cast(Table, TenantUsage.__table__)
+queue_counts = cast(Table, QueueCount.__table__)
 batches = cast(Table, Batch.__table__)
 uploads = cast(Table, Upload.__table__)
 adapters = cast(Table, Adapter.__table__)

@@ -1,5 +1,6 @@
-"""The sweeper: re-publishes committed jobs whose message never reached Redis, and ends or requeues jobs whose
-lease expired. Any number may run (API processes, workers); a Postgres advisory lock lets one act at a time.
+"""The sweeper: re-publishes committed jobs whose message never reached Redis, ends or requeues jobs whose lease
+expired, and folds the queue counters (``core.queue_counts``). Any number may run (API processes, workers); a
+Postgres advisory lock lets one act at a time.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, Text, cast, func, text
 
-from core import events, metrics, queue
+from core import events, metrics, queue, queue_counts
 from core.events import EVENT_COLUMNS
 from core.models import jobs
 from core.settings import Settings
@@ -88,6 +89,7 @@ def sweep_once(engine: Engine, redis_client, settings: Settings, *, limit: int =
             conn.rollback()
             return SweepResult(acted=False)
         moved = [*conn.execute(_REQUEUE).mappings().all(), *conn.execute(_GIVE_UP).mappings().all()]
+        queue_counts.compact(conn)
         conn.commit()  # the expiry stands even if Redis is down below
         failed = sum(1 for r in moved if r["status"] == JobStatus.FAILED)
         requeued = len(moved) - failed
