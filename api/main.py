@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY, disable_created_metrics
 from redis import asyncio as aioredis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors
+from api import errors, fast_submit
 from api.auth import KeyCache
 from api.events import EventHub
 from api.head_limits import HeadLimit
@@ -193,6 +193,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(adapters.router)
     app.include_router(webhooks.router)
     app.include_router(models.router)
+    fast_submit.install(app)  # after the route it stands in front of
     # Uploads carry images up to 20 MiB and adapters up to max_adapter_bytes (their routes stream with their own
     # hard caps; an adapter's bytes go on to S3 as they arrive); JSON bodies stay small.
     upload_limit = MAX_IMAGE_BYTES + MULTIPART_OVERHEAD

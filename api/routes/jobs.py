@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from api import jobs as job_ops
 from api.deps import ResourcesDep, TenantDep
+from api.resources import Resources
 from api.submit import submit_job
 from core import catalog, errors
 from core.image_refs import check_refs
@@ -41,6 +42,12 @@ async def create_job(
             "Idempotency-Key must be 1 to 255 characters",
             [{"field": "Idempotency-Key", "message": "must be 1 to 255 characters"}],
         )
+    return await accept_job(res, tenant, req, idempotency_key)
+
+
+async def accept_job(res: Resources, tenant: str, req: JobRequest, idempotency_key: str | None) -> JSONResponse:
+    """Check what the request model cannot, submit, and answer: the submit route's work once its inputs are read
+    (also called by ``api.fast_submit``, which reads them without FastAPI)."""
     if req.mode == "instruct" and res.settings.edit_model is None:
         raise errors.ValidationFailed(
             "instruct edits need an Edit checkpoint, and this service has none configured",
