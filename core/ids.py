@@ -4,15 +4,45 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case: sorts like the number
 
 
+class _Entropy:
+    """The system's random bytes (``os.urandom``), read 4 KiB at a time: a system call per id was 2.5 % of the
+    API's CPU under a bulk load. The same bytes, as unguessable; a forked child starts with none of its parent's."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._at = 0
+
+    def take(self, n: int) -> bytes:
+        """``n`` bytes no one else gets."""
+        with self._lock:
+            if self._at + n > len(self._pool):
+                self._pool, self._at = os.urandom(max(n, self._size)), 0
+            out = self._pool[self._at : self._at + n]
+            self._at += n
+            return out
+
+    def forget(self) -> None:
+        """Drop what is held (a child must not hand out its parent's bytes)."""
+        self._lock = threading.Lock()
+        self._pool, self._at = b"", 0
+
+
+_ENTROPY = _Entropy()
+os.register_at_fork(after_in_child=_ENTROPY.forget)
+
+
 def uuid7_int() -> int:
     """A UUIDv7 as an integer: 48-bit unix milliseconds, version and variant bits, 74 random bits."""
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits, 74 used
+    rand = int.from_bytes(_ENTROPY.take(10), "big")  # 80 bits, 74 used
     value = (ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76  # version 7
     value |= ((rand >> 68) & 0xFFF) << 64  # rand_a, 12 bits

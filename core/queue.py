@@ -8,8 +8,11 @@ transport does for the default exchange), in one pipelined round trip for any nu
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
+import random
+import re
 import socket
 import uuid
 from collections.abc import Iterable, Mapping
@@ -33,47 +36,85 @@ def broker_key(prefix: str, queue: str) -> str:
     return f"{prefix}{queue}"
 
 
+def _uuid() -> str:
+    """A random UUID (version 4) for a message's task id and delivery tag: they must differ between messages, not
+    be secret, so ``random`` draws them (re-seeded in every forked child) instead of ``uuid4``'s system call per
+    id, a twentieth of the API's CPU under a bulk load (py-spy)."""
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+
+
+def _message(queue: str, *, task_id: str, delivery_tag: str, body: str, argsrepr: str) -> dict[str, object]:
+    """A Celery protocol-v2 message, as a dict."""
+    return {
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": TASK_RUN_BATCH,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": argsrepr,
+            "kwargsrepr": "{}",
+            "origin": _ORIGIN,
+            "ignore_result": True,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": delivery_tag,
+        },
+    }
+
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_ARGS_TAIL = json.dumps([{}, _EMBED])[1:]  # what follows the job id's list in the arguments' JSON
+
+
+def _body(job_id: str, *, plain: bool = False) -> str:
+    """The task's arguments (the job id), base64 as the message carries them; ``plain``: the id needs no
+    escaping."""
+    args = f'[["{job_id}"], {_ARGS_TAIL}' if plain else json.dumps([[job_id], {}, _EMBED])
+    return base64.b64encode(args.encode()).decode()
+
+
+# Job ids (core.ids) need no JSON escaping: their messages are filled into a template made once per queue, the
+# message's JSON encoded once instead of twice per job (with the task id, a sixth of the API's CPU per submit).
+_PLAIN_ID = re.compile(r"[0-9A-Za-z_]+")
+_HOLE = re.compile(r"\\u0000(\w+)\\u0000")  # where json.dumps put a "\0name\0" placeholder
+
+
+@functools.cache
+def _template(queue: str) -> tuple[str, ...]:
+    """The JSON of a message of ``queue`` cut at its variable parts: text, name, text, name, ..., text."""
+    holes = {name: f"\0{name}\0" for name in ("task_id", "delivery_tag", "body", "argsrepr")}
+    return tuple(_HOLE.split(json.dumps(_message(queue, **holes))))
+
+
 def celery_message(job_id: str, queue: str) -> str:
     """One Celery protocol-v2 message asking a worker to run the batch that starts with ``job_id``."""
-    task_id = str(uuid.uuid4())
-    body = json.dumps([[job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-    return json.dumps(
-        {
-            "body": base64.b64encode(body.encode()).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {
-                "lang": "py",
-                "task": TASK_RUN_BATCH,
-                "id": task_id,
-                "shadow": None,
-                "eta": None,
-                "expires": None,
-                "group": None,
-                "group_index": None,
-                "retries": 0,
-                "timelimit": [None, None],
-                "root_id": task_id,
-                "parent_id": None,
-                "argsrepr": repr([job_id]),
-                "kwargsrepr": "{}",
-                "origin": _ORIGIN,
-                "ignore_result": True,
-                "replaced_task_nesting": 0,
-                "stamped_headers": None,
-                "stamps": {},
-            },
-            "properties": {
-                "correlation_id": task_id,
-                "reply_to": "",
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-    )
+    plain = _PLAIN_ID.fullmatch(job_id) is not None
+    body = _body(job_id, plain=plain)
+    values = {"task_id": _uuid(), "delivery_tag": _uuid(), "body": body, "argsrepr": repr([job_id])}
+    if not plain:
+        return json.dumps(_message(queue, **values))
+    parts = _template(queue)
+    return "".join(part if i % 2 == 0 else values[part] for i, part in enumerate(parts))
 
 
 def messages_by_key(prefix: str, jobs: Iterable[tuple[str, str]]) -> Mapping[str, list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -95,3 +96,22 @@ def test_ids_in_the_same_millisecond_are_distinct() -> None:
     busiest = max(by_ms.values(), key=len)
     assert len(busiest) > 1  # several ids were made in one millisecond, and none collided
     assert sum(len(s) for s in by_ms.values()) == 5000
+
+
+def test_a_forked_child_never_hands_out_its_parents_random_bytes() -> None:
+    """Ids draw from a pool of the system's random bytes; a child made by fork (Celery's prefork, uvicorn
+    workers) must not reuse what the parent holds, or both would make the same ids."""
+    ids.job_id()  # the parent holds a pool now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next bytes, to the parent
+        os.close(read)
+        os.write(write, ids._ENTROPY.take(64))
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 64
+    assert child != ids._ENTROPY.take(64)
+    assert len({ids.job_id() for _ in range(10_000)}) == 10_000

@@ -43,3 +43,19 @@ def test_messages_are_grouped_per_broker_list() -> None:
 def test_both_queues_exist_for_the_workers(kind: str, mode: str | None, queue_name: str) -> None:
     assert queue.queue_for(kind, mode) == queue_name
     assert queue_name in queue.QUEUES
+
+
+@pytest.mark.parametrize("job_id", ["job_01jd0abc", 'job_"quoted"\\', "job_ünï"])
+def test_a_message_is_the_json_of_its_fields(job_id: str) -> None:
+    """Messages of plain ids are filled into a template; every message must be exactly what encoding its fields
+    gives (ids that need escaping are encoded in full)."""
+    text = queue.celery_message(job_id, "edit")
+    msg = json.loads(text)
+    fields = queue._message(
+        "edit",
+        task_id=msg["headers"]["id"],
+        delivery_tag=msg["properties"]["delivery_tag"],
+        body=base64.b64encode(json.dumps([[job_id], {}, queue._EMBED]).encode()).decode(),
+        argsrepr=repr([job_id]),
+    )
+    assert text == json.dumps(fields)
