@@ -1,0 +1,109 @@
+"""``POST /v1/jobs``'s fast endpoint (api/fast_submit.py): it serves the plain case itself, hands everything else to
+the FastAPI route with the body intact, and what it answers is what the route answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.types import Receive, Scope, Send
+
+from api.fast_submit import FastSubmit
+from api.main import create_app
+from core.settings import Settings
+
+BODY = {"prompt": "a lighthouse at dusk, fast path", "width": 512, "height": 512, "seed": 7, "metadata": {"n": 1}}
+
+
+@pytest.fixture(scope="module")
+def served(settings: Settings) -> Iterator[tuple[TestClient, list[bytes]]]:
+    """A client, and the bodies the FastAPI route was handed (the fast endpoint's fallbacks), in order."""
+    app = create_app(settings, run_sweeper=False)
+    fast = next(r.app for r in app.router.routes if isinstance(getattr(r, "app", None), FastSubmit))
+    route, handed = fast.fallback, []
+
+    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+        async def recorded() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                handed.append(message.get("body", b""))
+            return message
+
+        await route(scope, recorded, send)
+
+    fast.fallback = counted
+    with TestClient(app) as client:
+        yield client, handed
+
+
+def _post(client: TestClient, key: str, body: bytes, **headers: str) -> Any:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers}
+    return client.post("/v1/jobs", content=body, headers=headers)
+
+
+def test_the_plain_case_is_served_without_the_route(served: tuple[TestClient, list[bytes]], key: str) -> None:
+    client, handed = served
+    before = len(handed)
+    response = _post(client, key, json.dumps(BODY).encode())
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
+    assert len(handed) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b"{not json", {}, 400, "bad_request"),
+        (b"", {}, 400, "bad_request"),
+        (b"[1, 2]", {}, 422, "validation_error"),
+        (json.dumps({**BODY, "width": 500}).encode(), {}, 422, "validation_error"),
+        (json.dumps({**BODY, "colour": "red"}).encode(), {}, 422, "validation_error"),
+        (json.dumps(BODY).encode(), {"Content-Type": "text/plain"}, 422, "validation_error"),
+        (json.dumps(BODY).encode(), {"Idempotency-Key": ""}, 422, "validation_error"),
+        (json.dumps(BODY).encode(), {"Idempotency-Key": "fast-path-replay"}, 202, None),
+        (json.dumps(BODY).encode(), {"Content-Type": "application/merge-patch+json"}, 202, None),
+    ],
+)
+def test_everything_else_reaches_the_route_with_its_body(
+    served: tuple[TestClient, list[bytes]],
+    key: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str | None,
+) -> None:
+    client, handed = served
+    before = len(handed)
+    response = _post(client, key, body, **headers)
+    assert response.status_code == status, response.text
+    if code is not None:
+        assert response.json()["error"]["code"] == code
+    assert handed[before:] == [body]  # handed over once, every byte of it
+
+
+def test_an_unknown_key_is_refused_before_either(served: tuple[TestClient, list[bytes]]) -> None:
+    client, handed = served
+    before = len(handed)
+    response = _post(client, "zimg_unknown", json.dumps(BODY).encode())
+    assert response.status_code == 401
+    assert len(handed) == before
+
+
+def test_both_answer_the_same_job(served: tuple[TestClient, list[bytes]], key: str) -> None:
+    """The same request through the fast endpoint and through the route: the same answer but for the job's own id
+    and time, and the second one place further back in the queue."""
+    client, handed = served
+    fast = _post(client, key, json.dumps(BODY).encode())
+    routed = _post(client, key, json.dumps(BODY).encode(), **{"Content-Type": "application/merge-patch+json"})
+    assert len(handed) >= 1
+    assert fast.status_code == routed.status_code == 202
+    a, b = fast.json(), routed.json()
+    assert b["queue_position"] == a["queue_position"] + 1
+    for job in (a, b):
+        for own in ("id", "created_at", "queue_position"):
+            job.pop(own)
+    assert a == b
+    assert set(fast.headers) == set(routed.headers)
