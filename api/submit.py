@@ -24,6 +24,8 @@ from api.jobs import log_job, queue_positions, render
 from api.resources import Resources
 from core import errors, metrics, queue, queue_counts
 from core.adapter_refs import check_adapters
+from core.db import driver_connection
+from core.job_object import COLUMNS as JOB_COLUMNS
 from core.job_object import job_object
 from core.models import jobs
 from core.quotas import Defaults, charge, fits
@@ -52,10 +54,11 @@ _GROUP_COLUMNS = (
     ("max_attempts", "int"),
 )  # fmt: skip
 _GROUP_NULLS = ("batch_id", "batch_index", "idempotency_key", "request_hash", "reuse_key")
-# The columns this code knows by name (not *: a column added by a later migration would change a prepared result).
-_JOB_COLUMNS = [c.name for c in jobs.columns]
-_KEPT_COLUMNS = ("request", "metadata")  # in the group's rows already
-_RETURNED = [c for c in _JOB_COLUMNS if c not in _KEPT_COLUMNS]
+# What the statement returns, named (not *: a column added by a later migration would change a prepared result):
+# what the job object reads, and what placing and publishing the rows needs, but request and metadata (in the
+# group's rows already).
+_KEPT_COLUMNS = ("request", "metadata")
+_RETURNED = [c for c in (*JOB_COLUMNS, "tenant_id", "queue") if c not in _KEPT_COLUMNS]
 # The same statement reads, for the first row of each (tenant, queue, priority), how many of the tenant's queued jobs
 # are already ahead of it (api.jobs.queue_positions, without a round trip of its own): those of its priority or
 # higher, from the counters the jobs table's triggers keep (queue_counts, migration 0008), as the statement's
@@ -208,11 +211,7 @@ async def _insert_group(
         stored = [dict(r) for r in (await conn.execute(_INSERT_ANY, rows)).mappings()]
         return {r["id"]: r for r in stored}, await queue_positions(conn, stored)
     params = [json.dumps([{c: r[c] for c, _ in _GROUP_COLUMNS} for r in rows])]
-    if not conn.in_transaction():  # so that the connection's rollback also undoes what the driver did alone
-        await conn.begin()
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
+    driver = await driver_connection(conn)
     async with driver.cursor(row_factory=dict_row) as cursor:
         await cursor.execute(_INSERT_GROUP, params, prepare=True, binary=True)
         stored = await cursor.fetchall()

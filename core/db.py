@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import psycopg
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from core.settings import Settings
 
@@ -31,6 +32,18 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
         pool_pre_ping=True,
         connect_args=_CONNECT_ARGS,
     )
+
+
+async def driver_connection(conn: AsyncConnection) -> psycopg.AsyncConnection:
+    """The psycopg connection under ``conn``, inside ``conn``'s transaction (begun here if need be, so that its
+    commit or rollback also covers what runs on the driver): for hot statements that skip SQLAlchemy's per-call
+    work (prepared once per connection, named parameters in psycopg's ``%(name)s`` form)."""
+    if not conn.in_transaction():
+        await conn.begin()
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert isinstance(driver, psycopg.AsyncConnection)
+    return driver
 
 
 def create_database_if_missing(database_url: str) -> bool:

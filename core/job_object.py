@@ -18,6 +18,14 @@ def rfc3339(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Every column ``job_object`` reads: a caller may fetch only these (the group commit does, for the 202 of each row).
+COLUMNS = (
+    "id", "status", "kind", "request", "batch_id", "priority", "attempt", "progress_step", "progress_total",
+    "error_code", "error_message", "outputs", "timings", "created_at", "started_at", "finished_at", "metadata",
+    "reused_from",
+)  # fmt: skip
+
+
 def job_object(
     row: Mapping[str, Any], *, presign: Presigner, queue_position: int | None = None
 ) -> dict[str, Any]:

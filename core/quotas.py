@@ -22,30 +22,32 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import errors
+from core.db import driver_connection
 from core.settings import Settings
 
 # Refused on the open-jobs bound: wait this long before trying again (workers need time to finish jobs).
 QUEUED_RETRY_AFTER_S = 5
 _RECOUNT_EVERY_S = 1.0
 
-# Fits whatever the limits: one UPDATE, no count.
-_FAST = text(
-    """
+# Fits whatever the limits: one UPDATE, no count. Run on the driver, prepared (psycopg's parameter style): it runs
+# once per tenant per group commit, and SQLAlchemy's work per call was a twentieth of the API's CPU under a bulk load.
+_FAST = """
 UPDATE tenant_usage u SET
-  images = CASE WHEN u.day = :today THEN u.images ELSE 0 END + :images,
-  day = :today,
-  submitted = u.submitted + :jobs
+  images = CASE WHEN u.day = %(today)s THEN u.images ELSE 0 END + %(images)s,
+  day = %(today)s,
+  submitted = u.submitted + %(jobs)s
 FROM tenants t
-WHERE u.tenant_id = :tenant AND t.id = u.tenant_id
-  AND (coalesce(t.max_images_per_day, :d_images) = 0
-       OR CASE WHEN u.day = :today THEN u.images ELSE 0 END + :images <= coalesce(t.max_images_per_day, :d_images))
-  AND (coalesce(t.max_queued_jobs, :d_queued) = 0
+WHERE u.tenant_id = %(tenant)s AND t.id = u.tenant_id
+  AND (coalesce(t.max_images_per_day, %(d_images)s) = 0
+       OR CASE WHEN u.day = %(today)s THEN u.images ELSE 0 END + %(images)s
+          <= coalesce(t.max_images_per_day, %(d_images)s))
+  AND (coalesce(t.max_queued_jobs, %(d_queued)s) = 0
        OR (u.checked_at IS NOT NULL
-           AND u.open_at_check + u.submitted - u.submitted_at_check + :jobs <= coalesce(t.max_queued_jobs, :d_queued)))
-  AND (NOT :batch OR coalesce(t.max_batch_jobs, 0) = 0 OR :jobs <= t.max_batch_jobs)
+           AND u.open_at_check + u.submitted - u.submitted_at_check + %(jobs)s
+               <= coalesce(t.max_queued_jobs, %(d_queued)s)))
+  AND (NOT %(batch)s OR coalesce(t.max_batch_jobs, 0) = 0 OR %(jobs)s <= t.max_batch_jobs)
 RETURNING u.tenant_id
 """
-)
 
 # The slow path: lock (or create) the row, start a new day, and read what the decision needs.
 _LOCK = text(
@@ -142,7 +144,10 @@ async def fits(
         "d_images": defaults.max_images_per_day,
         "d_queued": defaults.max_queued_jobs,
     }
-    return (await conn.execute(_FAST, params)).first() is not None
+    driver = await driver_connection(conn)
+    async with driver.cursor() as cursor:
+        await cursor.execute(_FAST, params, prepare=True)
+        return await cursor.fetchone() is not None
 
 
 async def _decide(
