@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.jobs import log_job, queue_positions, render
 from api.resources import Resources
-from core import errors, metrics, queue, queue_counts
+from core import errors, fastjson, metrics, queue, queue_counts
 from core.adapter_refs import check_adapters
 from core.db import driver_connection
 from core.job_object import COLUMNS as JOB_COLUMNS
@@ -210,7 +209,7 @@ async def _insert_group(
     if any(r[c] is not None for r in rows for c in _GROUP_NULLS):
         stored = [dict(r) for r in (await conn.execute(_INSERT_ANY, rows)).mappings()]
         return {r["id"]: r for r in stored}, await queue_positions(conn, stored)
-    params = [json.dumps([{c: r[c] for c, _ in _GROUP_COLUMNS} for r in rows])]
+    params = [fastjson.dumps([{c: r[c] for c, _ in _GROUP_COLUMNS} for r in rows]).decode()]
     driver = await driver_connection(conn)
     async with driver.cursor(row_factory=dict_row) as cursor:
         await cursor.execute(_INSERT_GROUP, params, prepare=True, binary=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -86,6 +87,8 @@ class LoraRef(_Strict):
 # The API document states what the prompt validators check, as far as a JSON Schema can: a character other than
 # whitespace and no NUL (the limit of 4000 applies after trimming; the document's is the safe side of it).
 _NO_NUL = r"^[^\x00]*$"
+# JSON's \ud800-\udfff escapes decode to lone surrogates, which no UTF-8 text (nor Postgres) can hold.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _PROMPT_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": 4000, "pattern": r"^[^\x00]*[^\s\x00][^\x00]*$"}
 
 
@@ -146,6 +149,8 @@ class JobRequest(_Strict):
     def _prompt_length(cls, v: str) -> str:
         if "\x00" in v:
             raise ValueError("prompt must not contain NUL characters")
+        if not v.isascii() and _SURROGATE.search(v):
+            raise ValueError("prompt must be Unicode text: a lone surrogate (\\ud800-\\udfff) is not")
         v = v.strip()
         if not v:
             raise ValueError("prompt must not be empty")
@@ -158,6 +163,8 @@ class JobRequest(_Strict):
     def _no_nul(cls, v: str | None) -> str | None:
         if v is not None and "\x00" in v:
             raise ValueError("negative_prompt must not contain NUL characters")
+        if v is not None and not v.isascii() and _SURROGATE.search(v):
+            raise ValueError("negative_prompt must be Unicode text: a lone surrogate (\\ud800-\\udfff) is not")
         return v
 
     @field_validator("loras")

@@ -107,3 +107,27 @@ def test_both_answer_the_same_job(served: tuple[TestClient, list[bytes]], key: s
             job.pop(own)
     assert a == b
     assert set(fast.headers) == set(routed.headers)
+
+
+def test_what_orjson_cannot_write_is_still_answered(served: tuple[TestClient, list[bytes]], key: str) -> None:
+    """An integer past 64 bits in metadata: orjson refuses it, the standard library writes it (core/fastjson.py)."""
+    client, _ = served
+    big = 123456789012345678901234567890
+    response = _post(client, key, json.dumps({**BODY, "metadata": {"big": big, "name": "海"}}).encode())
+    assert response.status_code == 202, response.text
+    assert response.json()["metadata"] == {"big": big, "name": "海"}
+    assert client.get(response.headers["location"], headers={"Authorization": f"Bearer {key}"}).json()["metadata"][
+        "big"
+    ] == big
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_lone_surrogate_is_refused_not_stored(served: tuple[TestClient, list[bytes]], key: str, field: str) -> None:
+    """JSON's \\ud800 decodes to a lone surrogate, which neither UTF-8 nor Postgres can hold: 422, naming the
+    field (it was an internal error when the insert met it)."""
+    client, _ = served
+    body = json.dumps({**BODY, field: "a \ud800 lighthouse"})  # written as the escape \ud800
+    assert "\\ud800" in body
+    response = _post(client, key, body.encode())
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == field
