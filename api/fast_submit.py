@@ -72,9 +72,9 @@ class FastSubmit:
 
 def _parse(body: bytes) -> JobRequest | None:
     """The request, or None when FastAPI's route must answer (not JSON, not an object, not valid)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
+    try:  # UTF-8 only (json.loads of bytes would guess among UTF-8, 16 and 32 first): the others go to the route
+        data = json.loads(body.decode())
+    except ValueError:  # UnicodeDecodeError too
         return None
     if not isinstance(data, dict):
         return None

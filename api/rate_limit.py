@@ -6,9 +6,9 @@ byte of the body. Otherwise the caller travels in the request's scope to ``api.d
 nothing left to look up.
 
 The count lives in Redis, shared by every API process, through the ``limits`` package (fixed one-second windows:
-one Lua call per tenant for the requests that arrive together). Should Redis fail, the limiter lets requests
-through (fail open) and counts them in ``zimage_rate_limiter_failopen_total``: Postgres still decides the quotas
-that protect the queue.
+one call per tenant for the requests that arrive together, at most one in flight). Should Redis fail, the limiter
+lets requests through (fail open) and counts them in ``zimage_rate_limiter_failopen_total``: Postgres still decides
+the quotas that protect the queue.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ CALLER = "zimage.caller"  # the key of the resolved caller in the scope's state
 class RateLimiter:
     """Counts each tenant's requests per second in Redis; fails open.
 
-    Requests of one tenant that arrive together (in one turn of the event loop) are counted with one increment
-    of their number, the way ``limits``' fixed window counts a hit of that cost, and the counter's new value says
-    exactly which of them are within the limit: the first ``limit - count before`` are, the rest are not. One
-    Redis call per tenant per turn instead of one per request.
+    A tenant's requests are counted together: one increment of their number, the way ``limits``' fixed window
+    counts a hit of that cost, and the counter's new value says exactly which of them are within the limit (the
+    first ``limit - count before`` are, the rest are not). At most one count per tenant is in flight: requests
+    that arrive while it is wait for the next one, which counts all of them. So a tenant's Redis calls are bounded
+    by one per round trip, not one per request (nor per turn of the event loop: under 32 clients that was 13 %
+    of the API's rate).
     """
 
     def __init__(self, redis_url: str, prefix: str) -> None:
@@ -58,7 +60,7 @@ class RateLimiter:
         self._items: dict[int, RateLimitItem] = {}
         self._skip_until = 0.0
         self._pending: dict[tuple[str, int], list[asyncio.Future[bool]]] = {}
-        self._flushing: set[asyncio.Task[None]] = set()
+        self._counting: dict[tuple[str, int], asyncio.Task[None]] = {}  # the count in flight, per tenant and rate
 
     async def allow(self, tenant_id: str, rps: int) -> bool:
         """Count one request of ``tenant_id``; False when it is over ``rps`` in this second (0: no limit)."""
@@ -67,21 +69,34 @@ class RateLimiter:
         if time.monotonic() < self._skip_until:
             RATE_LIMITER_FAILOPEN.inc()
             return True
-        loop = asyncio.get_running_loop()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        future: asyncio.Future[bool] = loop.create_future()
-        self._pending.setdefault((tenant_id, rps), []).append(future)
+        key = (tenant_id, rps)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiting = self._pending.get(key)
+        if waiting is None:
+            self._pending[key] = [future]
+            if key not in self._counting:  # else the count in flight starts the next one when it ends
+                asyncio.get_running_loop().call_soon(self._start, key)
+        else:
+            waiting.append(future)
         return await future
 
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for (tenant_id, rps), futures in pending.items():
-            task = asyncio.create_task(self._count(tenant_id, rps, futures))
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
+    def _start(self, key: tuple[str, int]) -> None:
+        futures = self._pending.pop(key, None)
+        if not futures or key in self._counting:
+            if futures:
+                self._pending[key] = futures
+            return
+        task = asyncio.create_task(self._count(key, futures))
+        self._counting[key] = task
+        task.add_done_callback(lambda _: self._ended(key))
 
-    async def _count(self, tenant_id: str, rps: int, futures: list[asyncio.Future[bool]]) -> None:
+    def _ended(self, key: tuple[str, int]) -> None:
+        del self._counting[key]
+        if key in self._pending:  # arrived while the count was in flight
+            self._start(key)
+
+    async def _count(self, key: tuple[str, int], futures: list[asyncio.Future[bool]]) -> None:
+        tenant_id, rps = key
         item = self._items.get(rps)
         if item is None:
             item = self._items[rps] = RateLimitItemPerSecond(rps)
@@ -100,8 +115,8 @@ class RateLimiter:
 
     async def close(self) -> None:
         """Close the limiter's Redis connections."""
-        if self._flushing:
-            await asyncio.gather(*self._flushing, return_exceptions=True)
+        while self._counting:  # each may start the next count of what arrived meanwhile
+            await asyncio.gather(*self._counting.values(), return_exceptions=True)
         await self._pool.aclose()
 
 

@@ -329,3 +329,43 @@ def test_requests_arriving_together_are_counted_together_and_exactly(
     statuses = client.portal.call(burst)  # one Redis increment of their number, per turn of the event loop
     assert set(statuses) == {200, 429}
     assert 7 <= statuses.count(200) <= 14, statuses  # 7 a second: one window, or two if the burst straddles
+
+
+def test_one_count_per_tenant_is_in_flight_and_the_rest_wait_for_the_next(settings: Settings) -> None:
+    """Requests arriving over many turns of the event loop while a count is in flight are counted together by the
+    next one: never two counts of one tenant at once, far fewer counts than requests, and exactly ``rps`` let
+    through per window."""
+
+    async def scenario() -> tuple[list[bool], int, int, bool]:
+        limiter = RateLimiter(settings.redis_url, f"{settings.redis_prefix}inflight-{secrets.token_hex(4)}:")
+        storage = limiter._limiter.storage
+        incr = storage.incr
+        calls, in_flight, most = 0, 0, 0
+
+        async def counted(*args: Any, **kwargs: Any) -> int:
+            nonlocal calls, in_flight, most
+            calls, in_flight = calls + 1, in_flight + 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0.005)  # a slow round trip: many turns of the loop pass meanwhile
+                return await incr(*args, **kwargs)
+            finally:
+                in_flight -= 1
+
+        storage.incr = counted  # type: ignore[method-assign]
+        try:
+            window = time.time()
+            tasks = []
+            for _ in range(40):  # 200 requests over 40 turns
+                tasks += [asyncio.create_task(limiter.allow("tenant-a", 50)) for _ in range(5)]
+                await asyncio.sleep(0)
+            answers = await asyncio.gather(*tasks)
+            return answers, calls, most, int(time.time()) != int(window)
+        finally:
+            await limiter.close()
+
+    answers, calls, most, straddled = asyncio.run(scenario())
+    assert most == 1
+    assert calls <= 10, calls  # not 40 (one per turn), nor 200
+    # Two one-second windows when the burst straddled them: each lets 50 through.
+    assert answers.count(True) == 50 or (straddled and 50 < answers.count(True) <= 100)
