@@ -28,6 +28,7 @@ from core.adapter_refs import adapter_problems
 from core.batch_object import batch_object as core_batch_object
 from core.batch_object import counts_query, tally
 from core.batch_request import BatchSubmission, refusal
+from core.db import driver_connection
 from core.events import EVENT_COLUMNS
 from core.image_refs import check_batch_refs
 from core.job_object import rfc3339
@@ -118,7 +119,9 @@ async def create_batch(
                     raise refusal(problems)
             # Last, so the tenant's quota row is held only until the commit just below.
             images = [job.request.num_images for job in written]
-            admission = await charge(conn, tenant_id, images, Defaults.of(res.settings), batch=True)
+            admission = await charge(
+                await driver_connection(conn), tenant_id, images, Defaults.of(res.settings), batch=True
+            )
             if admission.refusal is not None:
                 raise admission.refusal
         except errors.ServiceError:

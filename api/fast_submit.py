@@ -100,5 +100,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 def install(app: FastAPI) -> None:
     """Route ``POST /v1/jobs`` to ``FastSubmit`` ahead of every other route, falling back to the FastAPI route."""
-    route = next(r for r in jobs.router.routes if isinstance(r, APIRoute) and r.path == PATH and "POST" in r.methods)
+    route = next(
+        r for r in jobs.router.routes if isinstance(r, APIRoute) and r.path == PATH and "POST" in (r.methods or ())
+    )
     app.router.routes.insert(0, Route(PATH, FastSubmit(route.app), methods=["POST"], include_in_schema=False))

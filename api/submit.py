@@ -15,15 +15,16 @@ import time
 from collections import Counter
 from typing import Any
 
+import psycopg
 from psycopg.rows import dict_row
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from api.jobs import log_job, queue_positions, render
+from api.jobs import log_job, render
 from api.resources import Resources
 from core import errors, fastjson, metrics, queue, queue_counts
 from core.adapter_refs import check_adapters
-from core.db import driver_connection
+from core.db import connect_driver, driver_connection
 from core.job_object import COLUMNS as JOB_COLUMNS
 from core.job_object import job_object
 from core.models import jobs
@@ -43,10 +44,10 @@ _IDLE_PING_S = 2.0  # a kept connection idle longer than this is pinged before u
 
 # A group's rows in one statement of constant text, prepared once per connection (a multi-row VALUES is a new
 # statement, compiled, parsed and planned, for every group size), with the rows as one JSON array in one parameter:
-# one json.dumps in C for the group, where an array per column cost psycopg's Python dumpers per value. The columns
-# a group's rows leave NULL (batch, idempotency, reuse) are not named; a row that sets one goes through _INSERT_ANY
-# instead. The statement returns neither ``request`` nor ``metadata``: this process holds them already, and loading
-# them back cost a JSON parse each.
+# one JSON encoding for the group, where an array per column cost psycopg's Python dumpers per value. The columns
+# a group's rows leave NULL (batch, idempotency, reuse) are not named: such rows never come here. The statement
+# returns neither ``request`` nor ``metadata``: this process holds them already, and loading them back cost a JSON
+# parse each.
 _GROUP_COLUMNS = (
     ("id", "text"), ("tenant_id", "text"), ("kind", "text"), ("queue", "text"), ("group_key", "text"),
     ("cost_tokens", "int"), ("priority", "smallint"), ("request", "jsonb"), ("metadata", "jsonb"),
@@ -78,7 +79,6 @@ WITH ins AS (
 SELECT {', '.join(f"ins.{c}" for c in _RETURNED)}, a.n AS ahead_in_table
 FROM ins JOIN ahead a ON (a.tenant_id, a.queue, a.priority) = (ins.tenant_id, ins.queue, ins.priority)
 """
-_INSERT_ANY = insert(jobs).values(dispatched_at=func.now()).returning(jobs)
 
 
 class GroupCommitter:
@@ -89,9 +89,10 @@ class GroupCommitter:
         self._pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # Connections kept between groups, with when each was last used: checking one out of the engine's pool
-        # costs a ping and a rollback per group (two round trips, ~0.6 ms of this process's CPU).
-        self._idle: list[tuple[AsyncConnection, float]] = []
+        # Connections of its own (psycopg's, outside the engine's pool: every statement of a group is a prepared one
+        # on the driver, and SQLAlchemy's work per call was a tenth of this process's CPU), kept between groups with
+        # when each was last used (a pool's checkout costs a ping and a rollback per group).
+        self._idle: list[tuple[psycopg.AsyncConnection, float]] = []
 
     def start(self) -> None:
         """Start the flushing task (in the app's event loop)."""
@@ -110,24 +111,22 @@ class GroupCommitter:
                 await conn.close()
         self._idle.clear()
 
-    async def _checkout(self) -> AsyncConnection:
+    async def _checkout(self) -> psycopg.AsyncConnection:
         """A kept connection (pinged first if it sat idle: Postgres may have dropped it meanwhile), or a new one."""
         while self._idle:
             conn, last_used = self._idle.pop()
             if time.monotonic() - last_used < _IDLE_PING_S:
                 return conn
             try:
-                await conn.exec_driver_sql("SELECT 1")
+                await conn.execute("SELECT 1")
                 await conn.rollback()
                 return conn
             except Exception:
                 with contextlib.suppress(Exception):
                     await conn.close()
-        conn = self._res.db.connect()
-        await conn.start()
-        return conn
+        return await connect_driver(self._res.db)
 
-    async def _checkin(self, conn: AsyncConnection, *, healthy: bool) -> None:
+    async def _checkin(self, conn: psycopg.AsyncConnection, *, healthy: bool) -> None:
         """Keep a connection for the next group, or close it (after an error: it may be broken)."""
         if healthy and len(self._idle) < _KEPT_CONNECTIONS:
             self._idle.append((conn, time.monotonic()))
@@ -157,7 +156,7 @@ class GroupCommitter:
     async def _flush(self, group: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] | None = None) -> None:
         if group is None:
             group, self._pending = self._pending, []
-        conn: AsyncConnection | None = None
+        conn: psycopg.AsyncConnection | None = None
         try:
             conn = await self._checkout()
             # Quotas last: counting them locks each tenant's usage row until the commit, and a group charged
@@ -200,18 +199,16 @@ _Pending = tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]  # a row and it
 
 
 async def _insert_group(
-    conn: AsyncConnection, group: list[_Pending]
+    conn: psycopg.AsyncConnection, group: list[_Pending]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
     """Insert a group's rows, each already marked dispatched (saves a round trip per group: should the publish
     fail, the mark is undone; should this process die between commit and publish, the sweeper's lost-message
     check publishes them again); the stored rows by id, and their queue positions."""
     rows = [r for r, _ in group]
     if any(r[c] is not None for r in rows for c in _GROUP_NULLS):
-        stored = [dict(r) for r in (await conn.execute(_INSERT_ANY, rows)).mappings()]
-        return {r["id"]: r for r in stored}, await queue_positions(conn, stored)
+        raise ValueError("a group commit takes no batch, idempotent or reusing rows (submit_job writes those)")
     params = [fastjson.dumps([{c: r[c] for c, _ in _GROUP_COLUMNS} for r in rows]).decode()]
-    driver = await driver_connection(conn)
-    async with driver.cursor(row_factory=dict_row) as cursor:
+    async with conn.cursor(row_factory=dict_row) as cursor:
         await cursor.execute(_INSERT_GROUP, params, prepare=True, binary=True)
         stored = await cursor.fetchall()
     by_id = {r["id"]: r for r in rows}
@@ -248,7 +245,7 @@ def _by_tenant(group: list[_Pending]) -> dict[str, list[_Pending]]:
     return dict(sorted(by_tenant.items()))
 
 
-async def _all_fit(conn: AsyncConnection, res: Resources, group: list[_Pending]) -> bool:
+async def _all_fit(conn: psycopg.AsyncConnection, res: Resources, group: list[_Pending]) -> bool:
     """Count the group against its tenants' quotas the quick way; False when that cannot decide for one."""
     defaults = Defaults.of(res.settings)
     for tenant, members in _by_tenant(group).items():
@@ -257,7 +254,7 @@ async def _all_fit(conn: AsyncConnection, res: Resources, group: list[_Pending])
     return True
 
 
-async def _admit(conn: AsyncConnection, res: Resources, group: list[_Pending]) -> list[_Pending]:
+async def _admit(conn: psycopg.AsyncConnection, res: Resources, group: list[_Pending]) -> list[_Pending]:
     """The rows of ``group`` that fit their tenants' quotas; each other row's submitter gets the refusal."""
     admitted = []
     defaults = Defaults.of(res.settings)
@@ -314,7 +311,7 @@ async def submit_job(
             return view, False
         if req.loras:  # after the replay above: an adapter deleted since does not change the original's answer
             await check_adapters(conn, tenant_id, req)
-        admission = await charge(conn, tenant_id, [req.num_images], Defaults.of(res.settings))
+        admission = await charge(await driver_connection(conn), tenant_id, [req.num_images], Defaults.of(res.settings))
         if admission.refusal is not None:
             raise admission.refusal
         created = (await conn.execute(insert(jobs).values(**row).returning(jobs))).mappings().one()

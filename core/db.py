@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
@@ -10,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from core.settings import Settings
 
 # A statement that hangs (a lock, a dead server) must not hang a request or a worker forever.
-_CONNECT_ARGS = {"connect_timeout": 5, "options": "-c statement_timeout=30000"}
+_CONNECT_ARGS: dict[str, Any] = {"connect_timeout": 5, "options": "-c statement_timeout=30000"}
 
 
 def make_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
@@ -31,6 +33,15 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
         max_overflow=settings.db_pool_size,
         pool_pre_ping=True,
         connect_args=_CONNECT_ARGS,
+    )
+
+
+async def connect_driver(engine: AsyncEngine) -> psycopg.AsyncConnection:
+    """A psycopg connection to ``engine``'s database of its own (outside the engine's pool), with the engines'
+    connect options: for code that runs only hot, prepared statements on it (the API's group commit)."""
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return await psycopg.AsyncConnection.connect(
+        url, connect_timeout=_CONNECT_ARGS["connect_timeout"], options=_CONNECT_ARGS["options"]
     )
 
 

@@ -18,19 +18,21 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+import psycopg
+from psycopg.rows import namedtuple_row
 
 from core import errors
-from core.db import driver_connection
 from core.settings import Settings
 
 # Refused on the open-jobs bound: wait this long before trying again (workers need time to finish jobs).
 QUEUED_RETRY_AFTER_S = 5
 _RECOUNT_EVERY_S = 1.0
 
-# Fits whatever the limits: one UPDATE, no count. Run on the driver, prepared (psycopg's parameter style): it runs
-# once per tenant per group commit, and SQLAlchemy's work per call was a twentieth of the API's CPU under a bulk load.
+# Every statement runs on the driver (psycopg's connection, its parameter style), prepared: the common UPDATE runs
+# once per tenant per group commit, and SQLAlchemy's work per call was a twentieth of the API's CPU under a bulk
+# load. Callers holding a SQLAlchemy connection pass ``core.db.driver_connection(conn)``.
+
+# Fits whatever the limits: one UPDATE, no count.
 _FAST = """
 UPDATE tenant_usage u SET
   images = CASE WHEN u.day = %(today)s THEN u.images ELSE 0 END + %(images)s,
@@ -50,39 +52,33 @@ RETURNING u.tenant_id
 """
 
 # The slow path: lock (or create) the row, start a new day, and read what the decision needs.
-_LOCK = text(
-    """
+_LOCK = """
 WITH u AS (
-  INSERT INTO tenant_usage AS u (tenant_id, day) VALUES (:tenant, :today)
+  INSERT INTO tenant_usage AS u (tenant_id, day) VALUES (%(tenant)s, %(today)s)
   ON CONFLICT (tenant_id) DO UPDATE
     SET images = CASE WHEN u.day = excluded.day THEN u.images ELSE 0 END, day = excluded.day
   RETURNING u.*)
 SELECT u.images, u.submitted, u.open_at_check, u.submitted_at_check,
        u.checked_at IS NULL AS never_counted,
-       u.checked_at IS NOT NULL AND u.checked_at > clock_timestamp() - make_interval(secs => :recount_s) AS fresh,
-       coalesce(t.max_queued_jobs, :d_queued) AS max_queued,
-       coalesce(t.max_images_per_day, :d_images) AS max_images,
+       u.checked_at IS NOT NULL AND u.checked_at > clock_timestamp() - make_interval(secs => %(recount_s)s) AS fresh,
+       coalesce(t.max_queued_jobs, %(d_queued)s) AS max_queued,
+       coalesce(t.max_images_per_day, %(d_images)s) AS max_images,
        coalesce(t.max_batch_jobs, 0) AS max_batch
 FROM u JOIN tenants t ON t.id = u.tenant_id
 """
-)
 
 # At most ``cap`` index entries of the tenant's open jobs (ix_jobs_tenant_status).
-_COUNT_OPEN = text(
-    """
+_COUNT_OPEN = """
 SELECT count(*) FROM (
-  SELECT 1 FROM jobs WHERE tenant_id = :tenant AND status IN ('queued', 'running') LIMIT :cap) open_jobs
+  SELECT 1 FROM jobs WHERE tenant_id = %(tenant)s AND status IN ('queued', 'running') LIMIT %(cap)s) open_jobs
 """
-)
 
-_RECORD = text(
-    """
-UPDATE tenant_usage SET images = images + :images, submitted = submitted + :jobs,
-  open_at_check = :open_at_check, submitted_at_check = :submitted_at_check,
-  checked_at = CASE WHEN :recounted THEN clock_timestamp() ELSE checked_at END
-WHERE tenant_id = :tenant
+_RECORD = """
+UPDATE tenant_usage SET images = images + %(images)s, submitted = submitted + %(jobs)s,
+  open_at_check = %(open_at_check)s, submitted_at_check = %(submitted_at_check)s,
+  checked_at = CASE WHEN %(recounted)s THEN clock_timestamp() ELSE checked_at END
+WHERE tenant_id = %(tenant)s
 """
-)
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,7 @@ class Admission:
 
 
 async def charge(
-    conn: AsyncConnection, tenant_id: str, images: Sequence[int], defaults: Defaults, *, batch: bool = False
+    conn: psycopg.AsyncConnection, tenant_id: str, images: Sequence[int], defaults: Defaults, *, batch: bool = False
 ) -> Admission:
     """Count jobs (``images``: each one's image count, in submission order) against the tenant's quotas in the
     caller's transaction: the first jobs that fit are admitted, the rest refused (429 ``rate_limited``, with
@@ -131,7 +127,7 @@ async def charge(
 
 
 async def fits(
-    conn: AsyncConnection, tenant_id: str, images: Sequence[int], defaults: Defaults, *, batch: bool = False
+    conn: psycopg.AsyncConnection, tenant_id: str, images: Sequence[int], defaults: Defaults, *, batch: bool = False
 ) -> bool:
     """``charge``'s common case alone, one UPDATE: True when every job fits and was counted; False when that
     cannot be told without more (a quota in the way, the tenant's first submit), and nothing was counted."""
@@ -144,28 +140,32 @@ async def fits(
         "d_images": defaults.max_images_per_day,
         "d_queued": defaults.max_queued_jobs,
     }
-    driver = await driver_connection(conn)
-    async with driver.cursor() as cursor:
+    async with conn.cursor() as cursor:
         await cursor.execute(_FAST, params, prepare=True)
         return await cursor.fetchone() is not None
 
 
 async def _decide(
-    conn: AsyncConnection, tenant_id: str, images: Sequence[int], defaults: Defaults, today: date, *, batch: bool
+    conn: psycopg.AsyncConnection,
+    tenant_id: str,
+    images: Sequence[int],
+    defaults: Defaults,
+    today: date,
+    *,
+    batch: bool,
 ) -> Admission:
     """The slow path of ``charge``: lock the row, count the open jobs if the bound is in the way, then admit."""
-    row = (
-        await conn.execute(
-            _LOCK,
-            {
-                "tenant": tenant_id,
-                "today": today,
-                "recount_s": _RECOUNT_EVERY_S,
-                "d_queued": defaults.max_queued_jobs,
-                "d_images": defaults.max_images_per_day,
-            },
-        )
-    ).one()
+    params = {
+        "tenant": tenant_id,
+        "today": today,
+        "recount_s": _RECOUNT_EVERY_S,
+        "d_queued": defaults.max_queued_jobs,
+        "d_images": defaults.max_images_per_day,
+    }
+    async with conn.cursor(row_factory=namedtuple_row) as cursor:
+        await cursor.execute(_LOCK, params, prepare=True)
+        row: Any = await cursor.fetchone()
+    assert row is not None
     if batch and row.max_batch and len(images) > row.max_batch:
         raise errors.PayloadTooLarge(
             f"a batch of {len(images)} jobs is over this tenant's limit of {row.max_batch}",
@@ -176,7 +176,8 @@ async def _decide(
     recounted = False
     # Counted when the bound is unknown (a new row) or would refuse (and was not counted a moment ago).
     if row.max_queued and (row.never_counted or (bound + len(images) > row.max_queued and not row.fresh)):
-        open_at_check = int(await conn.scalar(_COUNT_OPEN, {"tenant": tenant_id, "cap": row.max_queued}) or 0)
+        counted = await (await conn.execute(_COUNT_OPEN, {"tenant": tenant_id, "cap": row.max_queued})).fetchone()
+        open_at_check = int(counted[0]) if counted else 0
         submitted_at_check, bound, recounted = row.submitted, open_at_check, True
     admitted, used = 0, row.images
     for n in images:
@@ -196,7 +197,7 @@ async def _decide(
 
 
 async def _record(
-    conn: AsyncConnection,
+    conn: psycopg.AsyncConnection,
     tenant_id: str,
     images: int,
     jobs: int,
@@ -216,6 +217,7 @@ async def _record(
                 "submitted_at_check": submitted_at_check,
                 "recounted": recounted,
             },
+            prepare=True,
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from api import jobs as job_ops
 from api.deps import ResourcesDep, TenantDep
@@ -35,7 +35,7 @@ async def create_job(
     res: ResourcesDep,
     tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JSONResponse:
+) -> Response:
     """Submit a job; answers 202 at once with the queued job (200 with the original for a repeated key)."""
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise errors.ValidationFailed(

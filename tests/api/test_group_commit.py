@@ -11,7 +11,7 @@ from sqlalchemy import Engine, text
 
 from api.jobs import queue_positions
 from api.submit import _insert_group
-from core.db import make_async_engine
+from core.db import driver_connection, make_async_engine
 from core.schemas import JobRequest
 from core.settings import Settings
 from core.submission import build_job_row
@@ -45,9 +45,9 @@ def test_a_groups_positions_are_those_counted_after_it(
         engine = make_async_engine(settings)
         try:
             async with engine.connect() as conn:
-                await _insert_group(conn, rows(15, 0))  # already queued when the group arrives
+                await _insert_group(await driver_connection(conn), rows(15, 0))  # already queued when the group arrives
                 await conn.commit()
-                by_id, positions = await _insert_group(conn, rows(25, 100))
+                by_id, positions = await _insert_group(await driver_connection(conn), rows(25, 100))
                 counted = await queue_positions(conn, list(by_id.values()))
                 await conn.rollback()
                 return positions, counted

@@ -16,7 +16,7 @@ from api import jobs as job_ops
 from api.jobs import queue_positions
 from api.submit import _insert_group
 from core import queue_counts
-from core.db import make_async_engine
+from core.db import driver_connection, make_async_engine
 from core.schemas import JobRequest
 from core.settings import Settings
 from core.submission import build_job_row
@@ -51,7 +51,7 @@ def _insert(settings: Settings, rows: list[dict[str, Any]]) -> None:
         engine = make_async_engine(settings)
         try:
             async with engine.connect() as conn:
-                await _insert_group(conn, [(r, None) for r in rows])
+                await _insert_group(await driver_connection(conn), [(r, None) for r in rows])
                 await conn.commit()
         finally:
             await engine.dispose()
