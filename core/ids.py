@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import threading
 import time
@@ -51,15 +50,22 @@ def uuid7_int() -> int:
     return value
 
 
-# RFC 4648 base32's alphabet mapped onto Crockford's: the C encoder does the work (10x a Python loop; a
-# 10 000-job batch makes 10 000 ids).
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+# Every pair of digits, by the 10 bits it stands for: an id is 13 lookups (a third of base64.b32encode's time,
+# which CPython writes in Python; a 10 000-job batch makes 10 000 ids, a submit one).
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
 
 
 def _base32(value: int) -> str:
     """26 Crockford base32 digits of a 128-bit value (26 * 5 = 130 bits), most significant first."""
-    # 20 bytes are 32 base32 digits; the last 26 of them are exactly the low 130 bits.
-    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(_TO_CROCKFORD).decode()
+    p = _PAIRS
+    return "".join(
+        [
+            p[(value >> 120) & 1023], p[(value >> 110) & 1023], p[(value >> 100) & 1023], p[(value >> 90) & 1023],
+            p[(value >> 80) & 1023], p[(value >> 70) & 1023], p[(value >> 60) & 1023], p[(value >> 50) & 1023],
+            p[(value >> 40) & 1023], p[(value >> 30) & 1023], p[(value >> 20) & 1023], p[(value >> 10) & 1023],
+            p[value & 1023],
+        ]
+    )  # fmt: skip
 
 
 def new_id(prefix: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 
@@ -59,3 +60,11 @@ def test_a_message_is_the_json_of_its_fields(job_id: str) -> None:
         argsrepr=repr([job_id]),
     )
     assert text == json.dumps(fields)
+
+
+def test_task_ids_are_version_4_uuids() -> None:
+    for _ in range(1000):
+        task_id = json.loads(queue.celery_message("job_abc", "generate"))["headers"]["id"]
+        parsed = uuid.UUID(task_id)
+        assert str(parsed) == task_id
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
