@@ -142,6 +142,10 @@ def publish(redis_client, prefix: str, jobs: Iterable[tuple[str, str]]) -> int:
 async def publish_async(redis_client, prefix: str, jobs: Iterable[tuple[str, str]]) -> int:
     """Publish ``(job_id, queue)`` pairs with an asyncio Redis client in one round trip; returns the count."""
     grouped = messages_by_key(prefix, jobs)
+    if len(grouped) == 1:  # one list (a group of one model's jobs, the common case): one command, no pipeline
+        [(key, msgs)] = grouped.items()
+        await redis_client.lpush(key, *msgs)
+        return len(msgs)
     async with redis_client.pipeline(transaction=False) as pipe:
         for key, msgs in grouped.items():
             pipe.lpush(key, *msgs)

@@ -102,13 +102,20 @@ def test_the_worker_celery_app_turns_a_message_into_a_run_batch_call(redis_clien
     assert ran == ["job_0123456789"]
 
 
-def test_publish_async_writes_the_same_messages(prefix: str) -> None:
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("job_async", "edit"), ("job_async2", "generate")],  # two lists: a pipeline
+        [("job_async", "edit"), ("job_async3", "edit")],  # one list: one command
+    ],
+)
+def test_publish_async_writes_the_same_messages(prefix: str, pairs: list[tuple[str, str]]) -> None:
     from redis import asyncio as aioredis
 
     async def go() -> int:
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
-            return await queue.publish_async(client, prefix, [("job_async", "edit"), ("job_async2", "generate")])
+            return await queue.publish_async(client, prefix, pairs)
         finally:
             await client.aclose()
 
@@ -116,9 +123,12 @@ def test_publish_async_writes_the_same_messages(prefix: str) -> None:
     with Connection(REDIS_URL, transport_options={"global_keyprefix": prefix}) as conn:
         q = conn.SimpleQueue("edit")
         try:
-            message = q.get(timeout=2)
-            assert message.headers["task"] == "zimage.run_batch"
-            assert message.payload[0] == ["job_async"]
-            message.ack()
+            for job_id, queue_name in pairs:
+                if queue_name != "edit":
+                    continue
+                message = q.get(timeout=2)
+                assert message.headers["task"] == "zimage.run_batch"
+                assert message.payload[0] == [job_id]
+                message.ack()
         finally:
             q.close()
