@@ -47,7 +47,7 @@ def test_a_groups_positions_are_those_counted_after_it(
             async with engine.connect() as conn:
                 await _insert_group(await driver_connection(conn), rows(15, 0))  # already queued when the group arrives
                 await conn.commit()
-                by_id, positions = await _insert_group(await driver_connection(conn), rows(25, 100))
+                by_id, positions, _ = await _insert_group(await driver_connection(conn), rows(25, 100))
                 counted = await queue_positions(conn, list(by_id.values()))
                 await conn.rollback()
                 return positions, counted

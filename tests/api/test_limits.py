@@ -16,12 +16,49 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, text
 
+from api import submit
 from api.rate_limit import RateLimiter
 from api.routes.health import QueueDepth
 from core.admin import set_limits
 from core.quotas import seconds_to_midnight
 from core.settings import Settings
 from tests.helpers.api import auth
+
+
+def test_groups_of_several_tenants_hold_each_ones_quota(
+    client: TestClient, new_key: Callable[..., str], settings: Settings, db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two tenants' submits arriving together share group commits (counted tenant by tenant, where a group of
+    one tenant is counted in its insert's own statement): each tenant's quota holds, the other is not touched."""
+    limited, limited_key = _tenant(new_key, settings, max_queued_jobs=5)
+    free, free_key = _tenant(new_key, settings)
+    assert client.portal is not None
+    counted_apart: list[int] = []  # the tenants of each group counted tenant by tenant
+    all_fit = submit._all_fit
+
+    async def spied(conn: Any, res: Any, group: Any) -> bool:
+        counted_apart.append(len({row["tenant_id"] for row, _ in group}))
+        return await all_fit(conn, res, group)
+
+    monkeypatch.setattr(submit, "_all_fit", spied)
+
+    async def burst() -> tuple[list[int], list[int]]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            answers = await asyncio.gather(
+                *(
+                    api.post("/v1/jobs", json={"prompt": f"p{i}"}, headers=auth(key))
+                    for i in range(20)
+                    for key in (limited_key, free_key)
+                )
+            )
+        return [r.status_code for r in answers[0::2]], [r.status_code for r in answers[1::2]]
+
+    limited_statuses, free_statuses = client.portal.call(burst)
+    assert counted_apart and min(counted_apart) == 2  # the burst made groups of both tenants
+    assert limited_statuses.count(202) == 5 and limited_statuses.count(429) == 15, limited_statuses
+    assert free_statuses == [202] * 20
+    assert (_jobs_of(db, limited), _jobs_of(db, free)) == (5, 20)
 
 
 def _tenant(new_key: Callable[..., str], settings: Settings, **limits: int | None) -> tuple[str, str]:
