@@ -90,7 +90,7 @@ _INSERT_GROUP = _INSERT_GROUP.format(charged="")
 
 
 class GroupCommitter:
-    """Coalesces concurrent submissions into one INSERT, one COMMIT and one Redis pipeline per group."""
+    """Coalesces concurrent submissions into one INSERT, one COMMIT and one Redis publish per group."""
 
     def __init__(self, res: Resources) -> None:
         self._res = res
