@@ -43,12 +43,14 @@ def _plain(scope: Scope) -> bool:
 
 
 class FastSubmit:
-    """The ASGI endpoint of ``POST /v1/jobs``; ``fallback`` is the FastAPI route's own."""
+    """The ASGI endpoint of ``POST /v1/jobs``, standing in front of ``route``, the FastAPI route (its fallback)."""
 
-    def __init__(self, fallback: ASGIApp) -> None:
-        self.fallback = fallback
+    def __init__(self, route: APIRoute) -> None:
+        self.route = route
+        self.fallback: ASGIApp = route.app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self.route  # what FastAPI's routing would set: the metrics label requests by its path
         caller = scope.get("state", {}).get(CALLER)
         if caller is None or not _json_content(scope) or not _plain(scope):
             await self.fallback(scope, receive, send)
@@ -74,13 +76,13 @@ def _parse(body: bytes) -> JobRequest | None:
     """The request, or None when FastAPI's route must answer (not JSON, not an object, not valid)."""
     try:  # UTF-8 only (json.loads of bytes would guess among UTF-8, 16 and 32 first): the others go to the route
         data = json.loads(body.decode())
-    except ValueError:  # UnicodeDecodeError too
+    except (ValueError, RecursionError):  # UnicodeDecodeError too; nesting too deep to parse
         return None
     if not isinstance(data, dict):
         return None
     try:
         return JobRequest.model_validate(data)
-    except ValidationError:
+    except (ValidationError, RecursionError):
         return None
 
 
@@ -103,4 +105,4 @@ def install(app: FastAPI) -> None:
     route = next(
         r for r in jobs.router.routes if isinstance(r, APIRoute) and r.path == PATH and "POST" in (r.methods or ())
     )
-    app.router.routes.insert(0, Route(PATH, FastSubmit(route.app), methods=["POST"], include_in_schema=False))
+    app.router.routes.insert(0, Route(PATH, FastSubmit(route), methods=["POST"], include_in_schema=False))

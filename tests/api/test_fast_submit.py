@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from starlette.types import Receive, Scope, Send
 
 from api.fast_submit import FastSubmit
@@ -44,13 +45,19 @@ def _post(client: TestClient, key: str, body: bytes, **headers: str) -> Any:
     return client.post("/v1/jobs", content=body, headers=headers)
 
 
+def _counted(status: int) -> float:
+    labels = {"method": "POST", "route": "/v1/jobs", "status": str(status)}
+    return REGISTRY.get_sample_value("zimage_http_requests_total", labels) or 0.0
+
+
 def test_the_plain_case_is_served_without_the_route(served: tuple[TestClient, list[bytes]], key: str) -> None:
     client, handed = served
-    before = len(handed)
+    before, counted = len(handed), _counted(202)
     response = _post(client, key, json.dumps(BODY).encode())
     assert response.status_code == 202, response.text
     assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
     assert len(handed) == before
+    assert _counted(202) == counted + 1  # labelled with the route's template, as FastAPI's routing would
 
 
 @pytest.mark.parametrize(
@@ -59,6 +66,8 @@ def test_the_plain_case_is_served_without_the_route(served: tuple[TestClient, li
         (b"{not json", {}, 400, "bad_request"),
         (b"", {}, 400, "bad_request"),
         (b"[1, 2]", {}, 422, "validation_error"),
+        (b"[" * 100_000 + b"]" * 100_000, {}, 400, "bad_request"),  # too deep to parse
+        (b'{"prompt": "p", "metadata": ' + b'{"a": ' * 900 + b"1" + b"}" * 901, {}, 422, "validation_error"),
         (json.dumps({**BODY, "width": 500}).encode(), {}, 422, "validation_error"),
         (json.dumps({**BODY, "colour": "red"}).encode(), {}, 422, "validation_error"),
         (json.dumps(BODY).encode(), {"Content-Type": "text/plain"}, 422, "validation_error"),
@@ -76,9 +85,10 @@ def test_everything_else_reaches_the_route_with_its_body(
     code: str | None,
 ) -> None:
     client, handed = served
-    before = len(handed)
+    before, counted = len(handed), _counted(status)
     response = _post(client, key, body, **headers)
     assert response.status_code == status, response.text
+    assert _counted(status) == counted + 1
     if code is not None:
         assert response.json()["error"]["code"] == code
     assert handed[before:] == [body]  # handed over once, every byte of it
