@@ -163,9 +163,7 @@ async def _copy_jobs(
     processes, two cores). Past the first bad job nothing more is written but every job is still checked, and
     the refusal names them all; the caller's rollback then drops what was written.
     """
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
+    driver = await driver_connection(conn)
     now = datetime.now(UTC)
     instruct = res.settings.edit_model is not None
     written: list[_Written] = []

@@ -70,22 +70,21 @@ class RateLimiter:
             RATE_LIMITER_FAILOPEN.inc()
             return True
         key = (tenant_id, rps)
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
         waiting = self._pending.get(key)
         if waiting is None:
             self._pending[key] = [future]
             if key not in self._counting:  # else the count in flight starts the next one when it ends
-                asyncio.get_running_loop().call_soon(self._start, key)
+                loop.call_soon(self._start, key)
         else:
             waiting.append(future)
         return await future
 
     def _start(self, key: tuple[str, int]) -> None:
-        futures = self._pending.pop(key, None)
-        if not futures or key in self._counting:
-            if futures:
-                self._pending[key] = futures
-            return
+        """Count what waits for ``key``: called once per waiting list, never while a count of ``key`` is in flight
+        (``allow`` schedules it only when none is; ``_ended`` when the one in flight ends)."""
+        futures = self._pending.pop(key)
         task = asyncio.create_task(self._count(key, futures))
         self._counting[key] = task
         task.add_done_callback(lambda _: self._ended(key))

@@ -61,32 +61,38 @@ _GROUP_NULLS = ("batch_id", "batch_index", "idempotency_key", "request_hash", "r
 # group's rows already).
 _KEPT_COLUMNS = ("request", "metadata")
 _RETURNED = [c for c in (*JOB_COLUMNS, "tenant_id", "queue") if c not in _KEPT_COLUMNS]
-# The same statement reads, for the first row of each (tenant, queue, priority), how many of the tenant's queued jobs
-# are already ahead of it (api.jobs.queue_positions, without a round trip of its own): those of its priority or
-# higher, from the counters the jobs table's triggers keep (queue_counts, migration 0008), as the statement's
-# snapshot sees them, before its own rows (which _positions adds). Counting the queue instead cost a scan of every
-# queued job of the tenant per group: 5 ms at 20 000 queued, most of this process's wait under a bulk load.
-_INSERT_GROUP = f"""
-WITH ins AS (
-  INSERT INTO jobs ({', '.join(c for c, _ in _GROUP_COLUMNS)}, dispatched_at)
-  SELECT *, now() FROM jsonb_to_recordset(%(rows)s::jsonb) AS r({', '.join(f'{c} {t}' for c, t in _GROUP_COLUMNS)})
+
+
+def _insert_statement(*, charged: bool) -> str:
+    """A group's INSERT. It also reads, for the first row of each (tenant, queue, priority), how many of the
+    tenant's queued jobs are already ahead of it (api.jobs.queue_positions, without a round trip of its own): those
+    of its priority or higher, from the counters the jobs table's triggers keep (queue_counts, migration 0008), as
+    the statement's snapshot sees them, before its own rows (which _positions adds). Counting the queue instead
+    cost a scan of every queued job of the tenant per group: 5 ms at 20 000 queued, most of this process's wait
+    under a bulk load. ``charged``: the group (of one tenant) is also counted against its quotas in the same
+    statement (core.quotas' quick UPDATE, run once whatever the statement reads of it; ``charged`` says whether it
+    counted them): a round trip and a statement less per group."""
+    columns = ", ".join(c for c, _ in _GROUP_COLUMNS)
+    typed = ", ".join(f"{c} {t}" for c, t in _GROUP_COLUMNS)
+    ahead = queue_counts.AT_OR_ABOVE.format(tenant="f.tenant_id", queue="f.queue", priority="f.priority")
+    return f"""
+WITH {f"charged AS ({FAST_CHARGE})," if charged else ""} ins AS (
+  INSERT INTO jobs ({columns}, dispatched_at)
+  SELECT *, now() FROM jsonb_to_recordset(%(rows)s::jsonb) AS r({typed})
   RETURNING {', '.join(_RETURNED)}
 ), firsts AS (
   SELECT DISTINCT tenant_id, queue, priority FROM ins
 ), ahead AS MATERIALIZED (  -- one read per (tenant, queue, priority), not per row
-  SELECT f.tenant_id, f.queue, f.priority,
-    {queue_counts.AT_OR_ABOVE.format(tenant="f.tenant_id", queue="f.queue", priority="f.priority")} AS n
-  FROM firsts f
+  SELECT f.tenant_id, f.queue, f.priority, {ahead} AS n FROM firsts f
 )
-SELECT {', '.join(f"ins.{c}" for c in _RETURNED)}, a.n AS ahead_in_table{{charged}}
+SELECT {', '.join(f"ins.{c}" for c in _RETURNED)}, a.n AS ahead_in_table
+  {", (SELECT count(*) FROM charged) AS charged" if charged else ""}
 FROM ins JOIN ahead a ON (a.tenant_id, a.queue, a.priority) = (ins.tenant_id, ins.queue, ins.priority)
 """
-# A group of one tenant is also counted against its quotas in the same statement (core.quotas' quick UPDATE, run
-# once whatever the statement reads of it): a round trip and a statement less per group.
-_INSERT_CHARGED = _INSERT_GROUP.replace("WITH ins AS (", f"WITH charged AS ({FAST_CHARGE}), ins AS (", 1).format(
-    charged=", (SELECT count(*) FROM charged) AS charged"
-)
-_INSERT_GROUP = _INSERT_GROUP.format(charged="")
+
+
+_INSERT_GROUP = _insert_statement(charged=False)
+_INSERT_CHARGED = _insert_statement(charged=True)
 
 
 class GroupCommitter:
@@ -178,8 +184,7 @@ class GroupCommitter:
             tenants = _by_tenant(group)
             if len(tenants) == 1:  # counted in the insert's own statement
                 [(tenant, members)] = tenants.items()
-                images = [row["request"]["num_images"] for row, _ in members]
-                charged = fast_params(tenant, images, Defaults.of(self._res.settings))
+                charged = fast_params(tenant, _images(members), Defaults.of(self._res.settings))
                 by_id, positions, fit = await _insert_group(conn, group, charge=charged)
             else:
                 by_id, positions, _ = await _insert_group(conn, group)
@@ -223,7 +228,9 @@ async def _insert_group(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, int], bool]:
     """Insert a group's rows, each already marked dispatched (saves a round trip per group: should the publish
     fail, the mark is undone; should this process die between commit and publish, the sweeper's lost-message
-    check publishes them again); the stored rows by id, and their queue positions."""
+    check publishes them again); the stored rows by id, their queue positions, and whether ``charge`` (the
+    parameters of ``core.quotas.FAST_CHARGE`` for the group's one tenant) counted them against its quotas in the
+    same statement (True when there is no ``charge``)."""
     rows = [r for r, _ in group]
     if any(r[c] is not None for r in rows for c in _GROUP_NULLS):
         raise ValueError("a group commit takes no batch, idempotent or reusing rows (submit_job writes those)")
@@ -268,11 +275,16 @@ def _by_tenant(group: list[_Pending]) -> dict[str, list[_Pending]]:
     return dict(sorted(by_tenant.items()))
 
 
+def _images(members: list[_Pending]) -> list[int]:
+    """Each row's image count, in order (what the quotas count)."""
+    return [row["request"]["num_images"] for row, _ in members]
+
+
 async def _all_fit(conn: psycopg.AsyncConnection, res: Resources, group: list[_Pending]) -> bool:
     """Count the group against its tenants' quotas the quick way; False when that cannot decide for one."""
     defaults = Defaults.of(res.settings)
     for tenant, members in _by_tenant(group).items():
-        if not await fits(conn, tenant, [row["request"]["num_images"] for row, _ in members], defaults):
+        if not await fits(conn, tenant, _images(members), defaults):
             return False
     return True
 
@@ -282,7 +294,7 @@ async def _admit(conn: psycopg.AsyncConnection, res: Resources, group: list[_Pen
     admitted = []
     defaults = Defaults.of(res.settings)
     for tenant, members in _by_tenant(group).items():
-        admission = await charge(conn, tenant, [row["request"]["num_images"] for row, _ in members], defaults)
+        admission = await charge(conn, tenant, _images(members), defaults)
         admitted += members[: admission.admitted]
         for _, future in members[admission.admitted :]:
             if admission.refusal is not None and not future.done():

@@ -92,6 +92,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _PROMPT_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": 4000, "pattern": r"^[^\x00]*[^\s\x00][^\x00]*$"}
 
 
+def _check_text(field: str, value: str) -> None:
+    """Refuse what no stored text can hold: NUL (Postgres cannot), a lone surrogate (UTF-8 cannot)."""
+    if "\x00" in value:
+        raise ValueError(f"{field} must not contain NUL characters")
+    if not value.isascii() and _SURROGATE.search(value):
+        raise ValueError(f"{field} must be Unicode text: a lone surrogate (\\ud800-\\udfff) is not")
+
+
 class JobRequest(_Strict):
     """A job request (POST /v1/jobs, and each line of a batch), exactly as API.md specifies it.
 
@@ -147,10 +155,7 @@ class JobRequest(_Strict):
     @field_validator("prompt")
     @classmethod
     def _prompt_length(cls, v: str) -> str:
-        if "\x00" in v:
-            raise ValueError("prompt must not contain NUL characters")
-        if not v.isascii() and _SURROGATE.search(v):
-            raise ValueError("prompt must be Unicode text: a lone surrogate (\\ud800-\\udfff) is not")
+        _check_text("prompt", v)
         v = v.strip()
         if not v:
             raise ValueError("prompt must not be empty")
@@ -161,10 +166,8 @@ class JobRequest(_Strict):
     @field_validator("negative_prompt")
     @classmethod
     def _no_nul(cls, v: str | None) -> str | None:
-        if v is not None and "\x00" in v:
-            raise ValueError("negative_prompt must not contain NUL characters")
-        if v is not None and not v.isascii() and _SURROGATE.search(v):
-            raise ValueError("negative_prompt must be Unicode text: a lone surrogate (\\ud800-\\udfff) is not")
+        if v is not None:
+            _check_text("negative_prompt", v)
         return v
 
     @field_validator("loras")
